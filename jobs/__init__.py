@@ -1,0 +1,1 @@
+"""Thin entry points: parse arguments or a job config, call the pipeline, report."""

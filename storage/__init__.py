@@ -1,0 +1,1 @@
+"""Where bytes live: fsspec access, Parquet shards, manifest versions, and the pure storage model."""

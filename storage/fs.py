@@ -1,0 +1,181 @@
+"""One object store rooted at a URL: the only module that talks to fsspec directly.
+
+Paths handed to and returned from `Store` are relative to the root, with '/' separators, so a
+manifest written on S3 reads the same when the store is mirrored to a local directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+_HASH_CHUNK = 8 << 20
+
+
+class AlreadyExists(FileExistsError):
+    """An exclusive create found the object already there (someone else committed first)."""
+
+
+def redact_url(url: str) -> str:
+    """Strip user:password@ from a URL so it can be logged or stored in a manifest."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        parts = parts._replace(netloc=host)
+    return urlunsplit(parts)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str
+    size: int
+
+
+class Store:
+    """A directory or bucket prefix reached through fsspec."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        if not url or not str(url).strip():
+            raise ValueError("store URL is empty: pass --store PATH or s3://bucket/prefix")
+        self.url = str(url).rstrip("/")
+        self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.root = root.rstrip("/")
+        self.is_local = "file" in _protocols(self.fs)
+        if self.is_local:
+            os.makedirs(self.root, exist_ok=True)
+
+    def __repr__(self) -> str:  # never includes storage_options (credentials)
+        return f"Store({redact_url(self.url)!r})"
+
+    @property
+    def display_url(self) -> str:
+        return redact_url(self.url)
+
+    def full(self, rel: str) -> str:
+        rel = rel.lstrip("/")
+        if ".." in rel.split("/"):
+            raise ValueError(f"path escapes the store root: {rel!r}")
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.full(rel))
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self.full(rel)))
+
+    def open(self, rel: str, mode: str = "rb"):
+        return self.fs.open(self.full(rel), mode)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.full(rel))
+
+    def makedirs(self, rel: str) -> None:
+        if self.is_local:
+            os.makedirs(self.full(rel), exist_ok=True)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Whole-object write that readers never see half done (temp + rename locally; one PUT on S3)."""
+        target = self.full(rel)
+        if self.is_local:
+            os.makedirs(posixpath.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def create_exclusive(self, rel: str, data: bytes) -> None:
+        """Create `rel` only if absent; raise AlreadyExists otherwise.
+
+        Local: the content is written to a temp file and hard-linked into place (link fails with
+        EEXIST), so the object appears complete or not at all. Object stores: fsspec's 'xb' mode,
+        which s3fs maps to a PUT with If-None-Match: *.
+        """
+        target = self.full(rel)
+        if self.is_local:
+            os.makedirs(posixpath.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, target)
+            except FileExistsError as exc:
+                raise AlreadyExists(rel) from exc
+            finally:
+                os.unlink(tmp)
+            return
+        try:
+            with self.fs.open(target, "xb") as fh:
+                fh.write(data)
+        except FileExistsError as exc:
+            raise AlreadyExists(rel) from exc
+        except OSError as exc:  # some backends surface 412 as a generic OSError
+            if "412" in str(exc) or "PreconditionFailed" in str(exc):
+                raise AlreadyExists(rel) from exc
+            raise
+
+    def list(self, rel_dir: str) -> list[FileInfo]:
+        """Files directly under `rel_dir` (empty if it does not exist)."""
+        base = self.full(rel_dir)
+        try:
+            entries = self.fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return []
+        out = []
+        for e in entries:
+            if e.get("type") == "file":
+                out.append(FileInfo(self.relative(e["name"]), int(e.get("size") or 0)))
+        return sorted(out, key=lambda f: f.path)
+
+    def walk_files(self, rel_dir: str = "") -> list[FileInfo]:
+        base = self.full(rel_dir)
+        if not self.fs.exists(base):
+            return []
+        found = self.fs.find(base, detail=True)
+        return sorted(
+            (FileInfo(self.relative(name), int(info.get("size") or 0)) for name, info in found.items()
+             if info.get("type") == "file"),
+            key=lambda f: f.path,
+        )
+
+    def relative(self, full_path: str) -> str:
+        full_path = self.fs._strip_protocol(full_path)
+        root = self.fs._strip_protocol(self.root).rstrip("/")
+        if not full_path.startswith(root):
+            raise ValueError(f"{full_path!r} is not under the store root {root!r}")
+        return full_path[len(root):].lstrip("/")
+
+    def remove(self, rel: str) -> None:
+        self.fs.rm_file(self.full(rel))
+
+    def sha256(self, rel: str) -> str:
+        digest = hashlib.sha256()
+        with self.open(rel, "rb") as fh:
+            while chunk := fh.read(_HASH_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,281 @@
+"""Manifest versions: the only way a reader finds shards.
+
+A version is one JSON object at `_manifests/v00000042.json`, created exclusively, so a version is
+either fully visible or absent and two writers cannot both claim the same number.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from storage.fs import AlreadyExists, Store
+from storage.shards import read_rows
+
+log = logging.getLogger(__name__)
+
+MANIFEST_DIR = "_manifests"
+FORMAT = "decoupled-precompute/manifest"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^v(\d{8})\.json$")
+
+
+class CommitConflict(RuntimeError):
+    """Another writer committed the version this commit wanted."""
+
+
+class NoVersion(LookupError):
+    """The store has no committed version (or not the one asked for)."""
+
+
+class ManifestError(ValueError):
+    """A manifest file is unreadable or not one of ours."""
+
+
+def version_path(version: int) -> str:
+    return f"{MANIFEST_DIR}/v{version:08d}.json"
+
+
+@dataclass
+class Manifest:
+    version: int
+    parent: int | None
+    created_at: str
+    run_id: str
+    fingerprint: dict[str, Any]
+    shards: list[dict[str, Any]]
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def shards_of(self, kind: str) -> list[dict[str, Any]]:
+        return [s for s in self.shards if s["kind"] == kind]
+
+    def referenced_paths(self) -> set[str]:
+        paths = {s["path"] for s in self.shards}
+        paths.update(a["path"] for a in self.artifacts.values())
+        return paths
+
+    def to_json(self) -> bytes:
+        body = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "version": self.version, "parent": self.parent, "created_at": self.created_at,
+            "run_id": self.run_id, "fingerprint": self.fingerprint, "shards": self.shards,
+            "artifacts": self.artifacts, "counts": self.counts, "extra": self.extra,
+        }
+        return json.dumps(body, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> "Manifest":
+        try:
+            body = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{where}: not valid JSON ({exc})") from exc
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise ManifestError(f"{where}: not a {FORMAT} file")
+        if body.get("format_version", 0) > FORMAT_VERSION:
+            raise ManifestError(f"{where}: format_version {body['format_version']} is newer than "
+                                f"this tool understands ({FORMAT_VERSION}); upgrade the package")
+        try:
+            return cls(version=int(body["version"]), parent=body["parent"], created_at=body["created_at"],
+                       run_id=body["run_id"], fingerprint=body["fingerprint"], shards=body["shards"],
+                       artifacts=body.get("artifacts", {}), counts=body.get("counts", {}),
+                       extra=body.get("extra", {}))
+        except KeyError as exc:
+            raise ManifestError(f"{where}: missing key {exc}") from exc
+
+
+def list_versions(store: Store) -> list[int]:
+    versions = []
+    for info in store.list(MANIFEST_DIR):
+        m = _NAME.match(info.path.rsplit("/", 1)[-1])
+        if m:
+            versions.append(int(m.group(1)))
+    return sorted(versions)
+
+
+def latest_version(store: Store) -> int | None:
+    versions = list_versions(store)
+    return versions[-1] if versions else None
+
+
+def load(store: Store, version: int | None = None) -> Manifest:
+    if version is None:
+        version = latest_version(store)
+        if version is None:
+            raise NoVersion(f"{store.display_url} has no committed version yet; run `precompute run` first")
+    path = version_path(version)
+    try:
+        data = store.read_bytes(path)
+    except FileNotFoundError as exc:
+        have = list_versions(store)
+        raise NoVersion(f"{store.display_url} has no version {version} (committed: {have or 'none'})") from exc
+    manifest = Manifest.from_json(data, path)
+    if manifest.version != version:
+        raise ManifestError(f"{path}: says it is version {manifest.version}")
+    return manifest
+
+
+def commit(store: Store, parent: int | None, *, run_id: str, fingerprint: dict, shards: list[dict],
+           artifacts: dict | None = None, counts: dict | None = None, extra: dict | None = None) -> Manifest:
+    """Create version parent+1 exclusively; raise CommitConflict if another writer got there first."""
+    ids = [s["path"] for s in shards]
+    if len(set(ids)) != len(ids):
+        raise ValueError("a version cannot list the same shard twice")
+    manifest = Manifest(
+        version=(parent or 0) + 1, parent=parent,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        run_id=run_id, fingerprint=fingerprint, shards=shards, artifacts=artifacts or {},
+        counts=counts or {}, extra=extra or {},
+    )
+    try:
+        store.create_exclusive(version_path(manifest.version), manifest.to_json())
+    except AlreadyExists as exc:
+        raise CommitConflict(
+            f"version {manifest.version} of {store.display_url} was committed by another writer while "
+            f"this one was based on version {parent}; nothing of this commit is visible. Rerun: finished "
+            f"shards are reused, and the new commit is based on the newest version."
+        ) from exc
+    log.info("committed version %d of %s (%d shards)", manifest.version, store.display_url, len(shards))
+    return manifest
+
+
+# ---------------------------------------------------------------- verify
+
+@dataclass
+class VerifyReport:
+    version: int
+    checked_files: int = 0
+    rows: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(store: Store, manifest: Manifest, check_ids: bool = True) -> VerifyReport:
+    """Every referenced file exists with its recorded size and sha256; ids unique; counts add up."""
+    report = VerifyReport(version=manifest.version)
+    entries = list(manifest.shards) + list(manifest.artifacts.values())
+    for entry in entries:
+        path = entry["path"]
+        report.checked_files += 1
+        if not store.exists(path):
+            report.problems.append(f"missing file: {path}")
+            continue
+        size = store.size(path)
+        if size != entry["bytes"]:
+            report.problems.append(f"size mismatch: {path} is {size} bytes, manifest says {entry['bytes']}")
+            continue
+        digest = store.sha256(path)
+        if digest != entry["sha256"]:
+            report.problems.append(f"checksum mismatch: {path} has sha256 {digest[:16]}…, "
+                                   f"manifest says {entry['sha256'][:16]}…")
+    if check_ids and not report.problems:
+        _check_ids(store, manifest, report)
+    return report
+
+
+def _check_ids(store: Store, manifest: Manifest, report: VerifyReport) -> None:
+    by_kind: dict[str, list[np.ndarray]] = {}
+    for shard in manifest.shards:
+        try:
+            ids = read_rows(store, shard["path"], columns=["id"]).column("id").to_numpy()
+        except Exception as exc:  # noqa: BLE001 - any unreadable shard is reported, not raised
+            report.problems.append(f"unreadable shard: {shard['path']} ({type(exc).__name__}: {exc})")
+            continue
+        if ids.size != shard["rows"]:
+            report.problems.append(f"row count mismatch: {shard['path']} has {ids.size} rows, "
+                                   f"manifest says {shard['rows']}")
+        if ids.size and (ids.min() < shard["id_min"] or ids.max() > shard["id_max"]):
+            report.problems.append(f"id range mismatch: {shard['path']}")
+        by_kind.setdefault(shard["kind"], []).append(ids)
+    tombstones = set(manifest.extra.get("tombstones_applied", []))
+    for kind, parts in by_kind.items():
+        ids = np.concatenate(parts) if parts else np.empty(0, np.int64)
+        uniq, counts = np.unique(ids, return_counts=True)
+        dupes = uniq[counts > 1]
+        if dupes.size:
+            report.problems.append(f"duplicate ids in {kind} shards: {dupes[:10].tolist()}"
+                                   f"{' …' if dupes.size > 10 else ''} ({dupes.size} in all)")
+        if kind == "states":
+            report.rows = int(ids.size)
+            expected = manifest.counts.get("written")
+            if expected is not None and expected != ids.size and not tombstones:
+                report.problems.append(f"count mismatch: {ids.size} passages in shards, "
+                                       f"manifest counts say {expected} written")
+
+
+# ---------------------------------------------------------------- gc
+
+@dataclass
+class GcReport:
+    kept_versions: list[int]
+    removed: list[str]
+    bytes_removed: int
+    dry_run: bool
+
+
+def collect_garbage(store: Store, keep_last: int | None = None, dry_run: bool = False,
+                    min_age_s: float = 3600.0) -> GcReport:
+    """Remove files no kept version references.
+
+    keep_last=None keeps every version (removes only orphans: failed runs, staging, temp files);
+    keep_last=K also retires versions older than the newest K. Files younger than `min_age_s`
+    are left alone because they may belong to a run that has not committed yet.
+    """
+    versions = list_versions(store)
+    if keep_last is not None:
+        if keep_last < 1:
+            raise ValueError("--keep-last must be at least 1")
+        kept = versions[-keep_last:]
+    else:
+        kept = versions
+    referenced: set[str] = set()
+    for v in kept:
+        referenced |= load(store, v).referenced_paths()
+    referenced |= {version_path(v) for v in kept}
+    retired = [version_path(v) for v in versions if v not in kept]
+    now = time.time()
+    removed, nbytes = [], 0
+    for info in store.walk_files():
+        if info.path in referenced:
+            continue
+        is_manifest = info.path.startswith(MANIFEST_DIR + "/")
+        if is_manifest and info.path not in retired:
+            continue  # never touch a version file we did not decide to retire
+        if not is_manifest and min_age_s > 0 and now - _mtime(store, info.path) < min_age_s:
+            continue
+        removed.append(info.path)
+        nbytes += info.size
+    # Retired version files go first, so no new reader opens a version whose data is leaving;
+    # a crash part-way leaves only orphans, which the next gc removes.
+    removed.sort(key=lambda p: not p.startswith(MANIFEST_DIR + "/"))
+    if not dry_run:
+        for path in removed:
+            store.remove(path)
+    return GcReport(kept_versions=kept, removed=removed, bytes_removed=nbytes, dry_run=dry_run)
+
+
+def _mtime(store: Store, rel: str) -> float:
+    info = store.fs.info(store.full(rel))
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        try:
+            return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+    return 0.0

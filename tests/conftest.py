@@ -1,0 +1,74 @@
+"""Shared fixtures: the real sample corpus, the real MiniLM checkpoint, a tiny random model, Ray."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_TSV = REPO / "pipeline" / "sample" / "wiki_passages_2k.tsv"
+
+
+@pytest.fixture(scope="session")
+def sample_tsv() -> Path:
+    return SAMPLE_TSV
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    from pipeline.config import BUNDLED_MODEL, resolve_model
+    return resolve_model(BUNDLED_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, minilm_path) -> str:
+    """A 4-layer, 32-wide random BERT with MiniLM's real tokenizer: fast logic tests only."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(out)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(Path(minilm_path) / name, out / name)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the whole session (starting one costs ~6 s here)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def write_tsv(path: Path, rows: list[tuple], header: str = "id\ttext\ttitle") -> Path:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(header + "\n")
+        for r in rows:
+            fh.write("\t".join(str(x) for x in r) + "\n")
+    return path
+
+
+def first_passages(n: int, tsv: Path = SAMPLE_TSV) -> list[tuple[int, str, str]]:
+    import csv
+    out = []
+    with open(tsv, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh, delimiter="\t")
+        next(reader)
+        for row in reader:
+            out.append((int(row[0]), row[1], row[2]))
+            if len(out) == n:
+                break
+    return out
