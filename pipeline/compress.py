@@ -62,7 +62,7 @@ class Compressor:
             tensors["projection"] = self.compress_weight.astype(np.float32)
             tensors["mean"] = self.decompress_bias.astype(np.float32)
             tensors["explained_variance"] = self.explained_variance.astype(np.float32)
-        return st_save(tensors, metadata={k: str(v) for k, v in self.metadata.items()})
+        return _canonical(st_save(tensors, metadata={k: str(v) for k, v in self.metadata.items()}))
 
     @property
     def content_digest(self) -> str:
@@ -102,6 +102,16 @@ class Compressor:
         if not all(np.isfinite(t).all() for t in (cw, cb, dw, db)):
             raise CompressorError(f"{where}: contains NaN or infinite weights")
         return cls(cw, cb, dw, db, tensors.get("explained_variance"), metadata)
+
+
+def _canonical(data: bytes) -> bytes:
+    """Rewrite the JSON header with sorted keys (same length), so equal compressors are equal bytes:
+    the file's sha256 goes into every shard's fingerprint."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    if len(header) > n:
+        return data
+    return data[:8] + header + b" " * (n - len(header)) + data[8 + n:]
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:

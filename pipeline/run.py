@@ -143,7 +143,8 @@ def _fit_task(model, titles, texts, dims, max_length, device, token_budget, ids)
     return comp.to_bytes()
 
 
-def run(cfg: RunConfig) -> RunSummary:
+def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
+    """Encode and commit. `encode_stage` exists so tests can inject a worker that dies mid-run."""
     t_start = time.perf_counter()
     store = Store(cfg.store, cfg.storage_options)
     corpus = Corpus(cfg.corpus, cfg.storage_options)
@@ -174,14 +175,14 @@ def run(cfg: RunConfig) -> RunSummary:
         for k, table in enumerate(corpus.batches(scan, cfg.execution.shard_size)):
             if k in todo:
                 write_shard(store, input_path(run_dir, k), table, None, cfg.execution.row_group_size)
-        markers.update(_encode_shards(ctx, pending))
+        markers.update(_encode_shards(ctx, pending, encode_stage))
 
     encoded_now = sum(markers[k]["passages_in"] for k in pending)
     return _commit(cfg, store, scan, ctx, run_id, markers, n_shards, comp_rel, comp_sha, comp_bytes, t_start,
                    encoded_now, n_shards - len(pending))
 
 
-def _encode_shards(ctx: StageContext, pending: list[int]) -> dict[int, dict]:
+def _encode_shards(ctx: StageContext, pending: list[int], encode_stage: type) -> dict[int, dict]:
     import ray
 
     ex = ctx.execution
@@ -191,7 +192,7 @@ def _encode_shards(ctx: StageContext, pending: list[int]) -> dict[int, dict]:
     ds = ds.map_batches(TokenizeStage, fn_constructor_kwargs={"ctx": ctx}, batch_size=1,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_enc),
                         num_cpus=ex.task_cpus)
-    ds = ds.map_batches(EncodeStage, fn_constructor_kwargs={"ctx": ctx}, batch_size=1, batch_format="pyarrow",
+    ds = ds.map_batches(encode_stage, fn_constructor_kwargs={"ctx": ctx}, batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=n_enc), num_cpus=ex.encoder_cpus,
                         num_gpus=1 if gpus else 0)  # Ray Data restarts dead actors and retries their shards
     ds = ds.map_batches(WriteStage, fn_constructor_kwargs={"ctx": ctx}, batch_size=1, batch_format="pyarrow",

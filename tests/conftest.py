@@ -72,3 +72,49 @@ def first_passages(n: int, tsv: Path = SAMPLE_TSV) -> list[tuple[int, str, str]]
             if len(out) == n:
                 break
     return out
+
+
+# ---------------------------------------------------------------- S3 (moto's server on loopback)
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's real S3 HTTP server on 127.0.0.1, reached through s3fs (as s3fs's own tests do)."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+S3_KEY, S3_SECRET = "AKIATESTONLY0000KEY", "test-secret-never-logged-3fa9c"
+
+
+def s3_options(endpoint: str) -> dict:
+    return {"key": S3_KEY, "secret": S3_SECRET, "endpoint_url": endpoint,
+            "client_kwargs": {"region_name": "us-east-1"}}
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    import uuid
+
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
+                 region_name="us-east-1").create_bucket(Bucket=name)
+    return f"s3://{name}/store", s3_options(s3_server)
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_store(request, tmp_path):
+    """(url, storage_options) for a local directory and for a bucket on the S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "store"), {}
+    return request.getfixturevalue("s3_bucket")

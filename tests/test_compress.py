@@ -31,6 +31,7 @@ def test_fit_is_deterministic_and_serialisation_roundtrips():
     a.update(x), b.update(x)
     ca, cb = a.finish(8, {"model": "m"}), b.finish(8, {"model": "m"})
     assert ca.content_digest == cb.content_digest
+    assert ca.to_bytes() == cb.to_bytes()  # byte-identical files: the sha256 is a stable fingerprint
     back = Compressor.from_bytes(ca.to_bytes())
     np.testing.assert_array_equal(back.compress_weight, ca.compress_weight)
     np.testing.assert_array_equal(back.decompress_bias, ca.decompress_bias)
