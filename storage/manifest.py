@@ -134,9 +134,14 @@ def commit(store: Store, parent: int | None, *, run_id: str, fingerprint: dict, 
         run_id=run_id, fingerprint=fingerprint, shards=shards, artifacts=artifacts or {},
         counts=counts or {}, extra=extra or {},
     )
+    payload = manifest.to_json()
     try:
-        store.create_exclusive(version_path(manifest.version), manifest.to_json())
+        store.create_exclusive(version_path(manifest.version), payload)
     except AlreadyExists as exc:
+        # A retried PUT whose first response was lost finds its own object: that is a success.
+        if _read_or_none(store, version_path(manifest.version)) == payload:
+            log.info("version %d was already written by this commit (retried request)", manifest.version)
+            return manifest
         raise CommitConflict(
             f"version {manifest.version} of {store.display_url} was committed by another writer while "
             f"this one was based on version {parent}; nothing of this commit is visible. Rerun: finished "
@@ -144,6 +149,13 @@ def commit(store: Store, parent: int | None, *, run_id: str, fingerprint: dict, 
         ) from exc
     log.info("committed version %d of %s (%d shards)", manifest.version, store.display_url, len(shards))
     return manifest
+
+
+def _read_or_none(store: Store, rel: str) -> bytes | None:
+    try:
+        return store.read_bytes(rel)
+    except FileNotFoundError:
+        return None
 
 
 # ---------------------------------------------------------------- verify
