@@ -79,8 +79,6 @@ def _corpus_cfg(a) -> CorpusConfig:
 # ---------------------------------------------------------------- commands
 
 def cmd_run(a) -> int:
-    from pipeline.run import run
-
     cfg = RunConfig(
         store=a.store, corpus=_corpus_cfg(a), model=_model_cfg(a),
         compression=CompressionConfig(dims=a.dims, compressor=a.compressor, fit_sample=a.fit_sample,
@@ -88,10 +86,16 @@ def cmd_run(a) -> int:
         execution=ExecutionConfig(ray_address=a.address, device=a.device, num_encoders=a.num_encoders,
                                   shard_size=a.shard_size, token_budget=a.token_budget),
         storage_options=_storage_options(a.storage_options))
+    return run_and_report(cfg, a.summary_json)
+
+
+def run_and_report(cfg: RunConfig, summary_json: str | None) -> int:
+    from pipeline.run import run
+
     summary = run(cfg)
     print(summary.render())
-    if a.summary_json:
-        with open(a.summary_json, "w") as fh:
+    if summary_json:
+        with open(summary_json, "w") as fh:
             json.dump(summary.to_dict(), fh, indent=1)
     return 0
 

@@ -161,3 +161,43 @@ def fingerprint(model: ModelConfig, model_revision: str, compression: Compressio
 
 def digest(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:n]
+
+
+_SECTIONS = {"corpus": CorpusConfig, "model": ModelConfig, "compression": CompressionConfig,
+             "execution": ExecutionConfig}
+
+
+def run_config_from_dict(body: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from a job file's mapping; unknown or mistyped keys are named."""
+    if not isinstance(body, dict):
+        raise ConfigError("the job config must be a mapping with keys store, corpus, model, compression, execution")
+    unknown = set(body) - set(_SECTIONS) - {"store", "storage_options"}
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; expected store, storage_options, "
+                          f"{', '.join(_SECTIONS)}")
+    if not body.get("store"):
+        raise ConfigError("store: required (a local path, s3://bucket/prefix or gs://bucket/prefix)")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        raw = body.get(name) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{name}: must be a mapping")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in raw.items():
+            if key not in fields:
+                raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(fields)})")
+            default = fields[key].default
+            if default is not None and default is not dataclasses.MISSING and value is not None \
+                    and not isinstance(value, type(default)) \
+                    and not (isinstance(default, float) and isinstance(value, int)):
+                raise ConfigError(f"{name}.{key}: expected {type(default).__name__}, got {value!r}")
+        try:
+            sections[name] = cls(**raw)
+        except TypeError as exc:
+            raise ConfigError(f"{name}: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{name}.{exc}") from exc
+    opts = body.get("storage_options") or {}
+    if not isinstance(opts, dict):
+        raise ConfigError("storage_options: must be a mapping")
+    return RunConfig(store=str(body["store"]), storage_options=opts, **sections)
