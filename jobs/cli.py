@@ -236,6 +236,183 @@ def cmd_gc(a) -> int:
     return 0
 
 
+def cmd_estimate(a) -> int:
+    from storage.estimate import PRICE_TIERS, Assumptions, estimate, render
+
+    tpp, ratio = a.tokens_per_passage, a.zstd_ratio
+    if a.sample_corpus:
+        tpp, ratio = _measure_sample(a, tpp, ratio)
+    if ratio is None:
+        ratio = 1.0
+    try:
+        assumptions = Assumptions(
+            passages=a.passages, tokens_per_passage=tpp, hidden=a.hidden, dims=a.dims, bits=a.bits,
+            bitpacked=a.bitpacked, zstd_ratio=ratio, scale_bytes=a.scale_bytes, token_id_bytes=a.token_id_bytes,
+            per_passage_bytes=a.per_passage_bytes, container_overhead=a.container_overhead,
+            dpr_dim=a.dpr_dim, index_bytes_per_vector=a.index_bytes_per_vector)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    prices = dict(PRICE_TIERS)
+    for item in a.price or []:
+        name, _, value = item.partition("=")
+        try:
+            prices[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--price {item!r}: expected NAME=DOLLARS_PER_GB_MONTH") from None
+    e = estimate(assumptions)
+    if a.json:
+        from storage.estimate import paper_figures
+        body = e.to_dict()
+        body["monthly_cost_usd"] = {k: e.total / 1e9 * v for k, v in prices.items()}
+        body["paper_check"] = [{"label": c.label, "bytes": c.bytes, "TiB": c.bytes / 2**40, "GiB": c.bytes / 2**30,
+                                "TB": c.bytes / 1e12, "paper": c.paper_says} for c in paper_figures(a.passages, tpp)]
+        print(json.dumps(body, indent=1))
+    else:
+        print(render(e, prices))
+    return 0
+
+
+def _measure_sample(a, tpp: float, ratio: float) -> tuple[float, float]:
+    """Tokens per passage (and, with --zstd-ratio unset, the code zstd ratio) from a corpus sample."""
+    import numpy as np
+    import torch
+    import zstandard
+
+    from pipeline.compress import PcaAccumulator
+    from pipeline.corpus import Corpus
+    from pipeline.encoder import LayeredEncoder, pad_batch
+    from pipeline.quantize import quantize
+    from pipeline.tokenize import PairTokenizer, model_max_length
+
+    model = ModelConfig(name=a.model, layers=a.layers)
+    corpus = Corpus(CorpusConfig(url=a.sample_corpus, limit=a.sample_size))
+    scan = corpus.scan()
+    rows = [r for t in corpus.batches(scan, 4096) for r in t.to_pylist()]
+    tok = PairTokenizer(model, model_max_length(model))
+    t = tok([r["title"] for r in rows], [r["text"] for r in rows])
+    lengths = [len(x) for x, k in zip(t.input_ids, t.keep) if k]
+    tpp = float(np.mean(lengths))
+    log.info("measured %.1f tokens per passage on %d sample passages", tpp, len(lengths))
+    if ratio is None:
+        enc = LayeredEncoder(model, torch.device("cpu"))
+        if a.dims > enc.hidden:
+            raise ConfigError(f"--dims {a.dims} exceeds the sample model's hidden size {enc.hidden}")
+        acc, states = PcaAccumulator(enc.hidden), []
+        for start in range(0, len(rows), 32):
+            ids, types = t.input_ids[start:start + 32], t.token_type_ids[start:start + 32]
+            i, tt, am = pad_batch(ids, types, 0, "cpu")
+            h = enc.embed_and_lower(i, tt, am)
+            for row in range(h.shape[0]):
+                states.append(h[row][am[row].bool()].numpy())
+                acc.update(states[-1])
+        comp = acc.finish(a.dims)
+        zc = zstandard.ZstdCompressor(level=3)
+        raw = packed = 0
+        for s in states:
+            codes, _ = quantize(torch.from_numpy(comp.compress(s)), min(a.bits, 8))
+            raw += codes.numel()
+            packed += len(zc.compress(codes.numpy().tobytes()))
+        ratio = raw / packed
+        log.info("measured zstd ratio %.3f on %d-bit codes of %d passages (%s, %d layers, PCA to %d dims)",
+                 ratio, min(a.bits, 8), len(states), a.model, a.layers, a.dims)
+    return tpp, ratio
+
+
+def cmd_validate(a) -> int:
+    from storage import manifest as mf
+    from storage.estimate import GB, GiB, TiB
+    from storage.footprint import measure, validate
+    from storage.fs import Store
+
+    store = Store(a.store, _storage_options(a.storage_options))
+    m = mf.load(store, a.version)
+    fp = measure(store, m)
+    v = validate(fp, m.fingerprint, a.target_passages, a.tolerance)
+    if a.json:
+        print(json.dumps({**v.__dict__, "ok": v.ok}, indent=1))
+    else:
+        print(f"version {m.version}: {fp.passages:,} passages, {fp.tokens:,} tokens "
+              f"({v.tokens_per_passage:.1f}/passage), {fp.file_bytes:,} bytes in "
+              f"{len(m.shards_of('states'))} shards; measured zstd ratio on codes {v.zstd_ratio:.3f}")
+        print(f"{'component':<12} {'measured B/token':>17} {'estimate B/token':>17}")
+        for k in ("codes", "scales", "token_ids", "per_passage", "container"):
+            print(f"{k:<12} {v.measured.get(k, 0):17.3f} {v.estimated.get(k, 0):17.3f}")
+        print(f"{'total':<12} {v.measured_per_token:17.3f} {v.estimated_per_token:17.3f}   "
+              f"difference {v.relative_error:+.2%} (tolerance {v.tolerance:.0%})")
+        lo, hi = v.target_interval
+        print(f"\nExtrapolated to {v.target_passages:,} passages like these: {v.target_bytes / GB:,.1f} GB = "
+              f"{v.target_bytes / GiB:,.1f} GiB (95% interval {lo / GiB:,.2f}-{hi / GiB:,.2f} GiB, sampling only); at the paper's "
+              f"150 tokens/passage: {v.target_bytes_at_150 / GiB:,.1f} GiB")
+        print(f"Paper (32M x 150 tokens, bare codes): 3.4 TB = 768 x 1 B = {32e6 * 150 * 768 / TiB:.2f} TiB; "
+              f"858 GB = 192 x 1 B = {32e6 * 150 * 192 / GiB:.1f} GiB")
+    if not v.ok:
+        log.error("measured bytes per token differ from the estimate by %.2f%% (> %.0f%%)",
+                  100 * v.relative_error, 100 * v.tolerance)
+        return EXIT_FAILED
+    return 0
+
+
+def cmd_report(a) -> int:
+    import os as _os
+
+    from pipeline.corpus import Corpus
+    from pipeline.encoder import pick_device
+    from pipeline.ratedistortion import cheapest_within, plot, sweep
+    from pipeline.tokenize import model_max_length
+
+    model = _model_cfg(a)
+    corpus = Corpus(_corpus_cfg(a))
+    scan = corpus.scan()
+    rows = [r for t in corpus.batches(scan, 4096) for r in t.to_pylist()]
+    import numpy as np
+    order = np.random.default_rng(a.seed).permutation(len(rows))
+    fit_rows = [rows[i] for i in order[: a.fit_sample]]
+    eval_rows = [rows[i] for i in order[a.fit_sample: a.fit_sample + a.sample]]
+    if not eval_rows:
+        raise ConfigError("no held-out passages left: lower --fit-sample")
+    from transformers import AutoConfig
+    hidden = AutoConfig.from_pretrained(model.path, revision=model.revision).hidden_size
+    dims_list = [int(x) for x in a.dims.split(",")] if a.dims else sorted({hidden // 4, hidden * 3 // 8, hidden // 2,
+                                                                           hidden * 3 // 4, hidden})
+    bits_list = [float(x) if "." in x else int(x) for x in a.bits.split(",")]
+    points = sweep(model, ([r["title"] for r in fit_rows], [r["text"] for r in fit_rows]),
+                   ([r["title"] for r in eval_rows], [r["text"] for r in eval_rows]), dims_list, bits_list,
+                   model_max_length(model), pick_device(a.device), a.zstd_level)
+    _os.makedirs(a.out_dir, exist_ok=True)
+    lines = [f"# Rate-distortion: {model.name}, input component = lower {model.layers} of its layers, hidden {hidden}",
+             "", f"PCA fitted on {len(fit_rows)} passages; fidelity on {len(eval_rows)} held-out passages = mean "
+             "final-layer token cosine, upper layers on decompressed vs original states. Bytes: codes after "
+             f"per-passage zstd (level {a.zstd_level}) + 2 B float16 scale per token.", "",
+             "| dims | bits | storage | B/token | B/value | token cosine | loss vs unquantised |",
+             "|---:|---:|---|---:|---:|---:|---:|"]
+    for p in points:
+        lines.append(f"| {p.dims} | {p.bits} | {p.storage} | {p.bytes_per_token:.1f} | {p.bytes_per_value:.3f} | "
+                     f"{p.token_cosine:.5f} | {p.delta_vs_unquantised:+.5f} |")
+    lines += ["", "Cheapest storage within 0.002 cosine of unquantised (fp16) at the same dims:", ""]
+    for dims in dims_list:
+        best = cheapest_within(points, dims, 0.002)
+        lines.append(f"- {dims} dims: " + (f"{best.bits}-bit {best.storage}, {best.bytes_per_token:.1f} B/token = "
+                                           f"{best.bytes_per_value:.3f} B/value (cosine {best.token_cosine:.5f})"
+                                           if best else "none"))
+    quarter = hidden // 4
+    best = cheapest_within(points, quarter, 0.002)
+    if best:
+        goal = "meets" if best.bytes_per_value <= 0.625 else "misses"
+        lines += ["", f"At 4x dimension compression ({hidden} -> {quarter}): {best.bytes_per_value:.3f} B per stored value "
+                      f"including scales; this {goal} the 0.625 B/value goal (BERT-base geometry would be "
+                      f"{best.bytes_per_value * 192:.0f} B/token against the paper's 192)."]
+    report = "\n".join(lines) + "\n"
+    with open(_os.path.join(a.out_dir, "rate_distortion.md"), "w") as fh:
+        fh.write(report)
+    with open(_os.path.join(a.out_dir, "rate_distortion.json"), "w") as fh:
+        json.dump([p.to_dict() for p in points], fh, indent=1)
+    plot(points, _os.path.join(a.out_dir, "rate_distortion.png"),
+         f"{model.name.split('/')[-1]}, lower {model.layers} layers, {len(eval_rows)} held-out passages")
+    print(report)
+    print(f"wrote {a.out_dir}/rate_distortion.md, .json, .png")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: fit PCA on --fit-sample passages of the corpus and store it")
     g.add_argument("--fit-sample", type=int, default=512)
     g.add_argument("--quantize", default="int8", choices=["int8", "none"])
-    g.add_argument("--bits", type=int, default=8, help="bits per code in the int8 container (2..8)")
+    g.add_argument("--bits", type=float, default=8, help="bits per code in the int8 container, 2..8; fractional "
+                   "values set the level count (5.25 = 37 levels)")
     g.add_argument("--zstd-level", type=int, default=3)
     g = r.add_argument_group("execution")
     g.add_argument("--address", default=None, help="Ray address (default: start a local cluster)")
@@ -308,6 +486,50 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--min-age", type=float, default=3600.0,
                     help="leave unreferenced files younger than this many seconds (a run may still be writing)")
     gc.set_defaults(func=cmd_gc)
+
+    es = sub.add_parser("estimate", help="storage estimate in GB and GiB, monthly cost, and the paper's figures checked")
+    es.add_argument("--passages", type=int, default=32_000_000)
+    es.add_argument("--tokens-per-passage", type=float, default=150.0)
+    es.add_argument("--hidden", type=int, default=768)
+    es.add_argument("--dims", type=int, default=192)
+    es.add_argument("--bits", type=float, default=8, help="2..8 quantised, 16 = float16")
+    es.add_argument("--bitpacked", action="store_true", help="k-bit codes packed densely (default: int8 containers)")
+    es.add_argument("--zstd-ratio", type=float, default=None, help="raw/stored code bytes (default 1.0, or measured "
+                    "with --sample-corpus)")
+    es.add_argument("--sample-corpus", default=None, help="measure tokens/passage (and the zstd ratio) on this corpus")
+    es.add_argument("--sample-size", type=int, default=300)
+    es.add_argument("--model", default=BUNDLED_MODEL, help="model for --sample-corpus measurements")
+    es.add_argument("--layers", type=int, default=3)
+    es.add_argument("--scale-bytes", type=float, default=2.0)
+    es.add_argument("--token-id-bytes", type=float, default=2.0)
+    es.add_argument("--per-passage-bytes", type=float, default=40.0)
+    es.add_argument("--container-overhead", type=float, default=0.005)
+    es.add_argument("--dpr-dim", type=int, default=768, help="DPR embedding dims stored beside (0 = none)")
+    es.add_argument("--index-bytes-per-vector", type=float, default=0.0, help="FAISS index bytes per vector")
+    es.add_argument("--price", action="append", metavar="TIER=USD", help="add or override a $/GB-month price")
+    es.add_argument("--json", action="store_true")
+    es.set_defaults(func=cmd_estimate)
+
+    va = sub.add_parser("validate", help="bytes actually written vs the estimate; extrapolate to a target corpus")
+    _add_store(va)
+    va.add_argument("--version", type=int, default=None)
+    va.add_argument("--target-passages", type=int, default=32_000_000)
+    va.add_argument("--tolerance", type=float, default=0.02, help="allowed relative difference (default 2%%)")
+    va.add_argument("--json", action="store_true")
+    va.set_defaults(func=cmd_validate)
+
+    rp = sub.add_parser("report", help="rate-distortion table + PNG: bytes per token vs fidelity (real text)")
+    _add_corpus(rp)
+    _add_model(rp)
+    rp.add_argument("--dims", default=None, help="comma list (default: hidden/4 .. hidden)")
+    rp.add_argument("--bits", default="4,5,5.25,5.5,6,8,16", help="comma list; 16 = float16, fractional = levels")
+    rp.add_argument("--fit-sample", type=int, default=512)
+    rp.add_argument("--sample", type=int, default=200, help="held-out passages to measure")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--zstd-level", type=int, default=3)
+    rp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    rp.add_argument("--out-dir", default="report")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

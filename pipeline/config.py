@@ -95,7 +95,7 @@ class CompressionConfig:
     compressor: str | None = None  # safetensors file; None = fit PCA on a sample of the corpus
     fit_sample: int = 512
     quantize: str = "int8"
-    bits: int = 8
+    bits: float = 8  # may be fractional (5.25 = 37 levels); see `precompute report`
     zstd_level: int = 3
 
     def __post_init__(self):
@@ -187,9 +187,11 @@ def run_config_from_dict(body: dict[str, Any]) -> RunConfig:
             if key not in fields:
                 raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(fields)})")
             default = fields[key].default
+            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
             if default is not None and default is not dataclasses.MISSING and value is not None \
                     and not isinstance(value, type(default)) \
-                    and not (isinstance(default, float) and isinstance(value, int)):
+                    and not (numeric and isinstance(value, (int, float)) and not isinstance(value, bool)
+                             and (isinstance(default, float) or key == "bits")):
                 raise ConfigError(f"{name}.{key}: expected {type(default).__name__}, got {value!r}")
         try:
             sections[name] = cls(**raw)

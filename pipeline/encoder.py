@@ -128,7 +128,7 @@ def pad_batch(seqs: list[np.ndarray], types: list[np.ndarray], pad_id: int, devi
 class ShardEncoder:
     """Lower layers -> projection -> quantisation, all on the device; returns per-passage codes."""
 
-    def __init__(self, model_cfg: ModelConfig, compressor: Compressor, quantize_mode: str, bits: int,
+    def __init__(self, model_cfg: ModelConfig, compressor: Compressor, quantize_mode: str, bits: float,
                  token_budget: int, device: torch.device, pad_id: int = 0):
         self.encoder = LayeredEncoder(model_cfg, device)
         if compressor.hidden != self.encoder.hidden:

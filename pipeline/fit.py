@@ -59,7 +59,7 @@ class Fidelity:
 
 
 def measure_fidelity(model: ModelConfig, compressor: Compressor, titles: list[str], texts: list[str],
-                     max_length: int, device: torch.device, quantize_mode: str = "int8", bits: int = 8,
+                     max_length: int, device: torch.device, quantize_mode: str = "int8", bits: float = 8,
                      token_budget: int = 8192) -> Fidelity:
     """Upper layers on decompressed vs original states: the loss the cross component sees."""
     tok = PairTokenizer(model, max_length)

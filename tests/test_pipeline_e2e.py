@@ -100,3 +100,37 @@ def test_summary_json_and_verify_cli(sample_store, capsys):
     cfg, _ = sample_store
     assert cli(["verify", "--store", cfg.store]) == 0
     assert "2333 passages" in capsys.readouterr().out
+
+
+def test_validate_measured_bytes_within_two_percent_of_the_estimate(sample_store, capsys):
+    """Fed the measured token count and zstd ratio, the model predicts the bytes written."""
+    from storage.footprint import measure, validate
+
+    cfg, _ = sample_store
+    store = Store(cfg.store)
+    m = mf.load(store)
+    fp = measure(store, m)
+    assert fp.passages == 2333 and fp.tokens == m.counts["tokens"]
+    assert sum(fp.split().values()) == fp.file_bytes
+    v = validate(fp, m.fingerprint, 32_000_000)
+    assert abs(v.relative_error) < 0.02, v
+    lo, hi = v.target_interval
+    assert lo <= v.target_bytes <= hi
+    assert cli(["validate", "--store", cfg.store]) == 0
+    assert "Extrapolated to 32,000,000" in capsys.readouterr().out
+    assert cli(["validate", "--store", cfg.store, "--tolerance", "0.0001"]) == 1  # the check can fail
+
+
+def test_report_rate_distortion_on_real_weights(tmp_path, sample_tsv, capsys):
+    from pipeline.ratedistortion import RDPoint
+    out = tmp_path / "rep"
+    assert cli(["report", "--corpus", str(sample_tsv), "--layers", "3", "--dims", "96", "--bits", "5,8,16",
+                "--fit-sample", "120", "--sample", "30", "--out-dir", str(out)]) == 0
+    points = json.load(open(out / "rate_distortion.json"))
+    by = {(p["bits"], p["storage"]): p for p in points}
+    assert by[(16, "fp16+zstd")]["delta_vs_unquantised"] == 0
+    assert by[(8, "int8+zstd")]["bytes_per_token"] < by[(16, "fp16+zstd")]["bytes_per_token"] / 1.8
+    assert by[(5, "int8+zstd")]["bytes_per_token"] < by[(8, "int8+zstd")]["bytes_per_token"]
+    assert 0 <= by[(8, "int8+zstd")]["delta_vs_unquantised"] < by[(5, "int8+zstd")]["delta_vs_unquantised"]
+    assert (out / "rate_distortion.png").stat().st_size > 10_000
+    assert "Cheapest storage within 0.002" in (out / "rate_distortion.md").read_text()

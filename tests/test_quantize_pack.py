@@ -50,3 +50,14 @@ def test_pack_refuses_decompression_bomb():
     assert len(bomb) < 10_000
     with pytest.raises(PackError):
         p.unpack(bomb, 1000)
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6, 7, 8])
+def test_bitpack_roundtrip_and_size(bits):
+    from pipeline.quantize import bitpack, bitunpack
+    rng = np.random.default_rng(bits)
+    q = qmax(bits)
+    codes = rng.integers(-q, q + 1, size=(37, 12)).astype(np.int8)
+    packed = bitpack(codes, bits)
+    assert len(packed) == (codes.size * bits + 7) // 8
+    np.testing.assert_array_equal(bitunpack(packed, bits, codes.size).reshape(codes.shape), codes)
