@@ -8,7 +8,7 @@ import os
 import sys
 
 from pipeline.config import (BUNDLED_CORPUS, BUNDLED_MODEL, CompressionConfig, ConfigError, CorpusConfig,
-                             ExecutionConfig, ModelConfig, RunConfig)
+                             DprConfig, ExecutionConfig, ModelConfig, RunConfig)
 
 log = logging.getLogger("precompute")
 
@@ -85,6 +85,8 @@ def cmd_run(a) -> int:
                                       quantize=a.quantize, bits=a.bits, zstd_level=a.zstd_level),
         execution=ExecutionConfig(ray_address=a.address, device=a.device, num_encoders=a.num_encoders,
                                   shard_size=a.shard_size, token_budget=a.token_budget),
+        dpr=DprConfig(model=a.dpr_model, pooling=a.dpr_pooling, question_model=a.dpr_question_model,
+                      dtype=a.dpr_dtype, index_factory=a.index_factory, nprobe=a.nprobe) if a.dpr_model else None,
         storage_options=_storage_options(a.storage_options))
     return run_and_report(cfg, a.summary_json)
 
@@ -413,6 +415,54 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_plan_index(a) -> int:
+    from pipeline.index_plan import parse_bytes, plan_index
+
+    try:
+        plan = plan_index(a.vectors, a.dim, parse_bytes(a.memory))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if a.json:
+        print(json.dumps(plan.__dict__, indent=1))
+    else:
+        print(plan.render())
+    return 0 if plan.fits else EXIT_FAILED
+
+
+def cmd_search(a) -> int:
+    import numpy as np
+
+    from pipeline.search import Searcher
+    from storage.fs import Store
+
+    if not a.question or not a.question.strip():
+        raise ConfigError("the question is empty")
+    if len(a.question) > 10_000:
+        raise ConfigError("the question is longer than 10,000 characters")
+    if not 1 <= a.k <= 10_000:
+        raise ConfigError("-k must be between 1 and 10000")
+    searcher = Searcher(Store(a.store, _storage_options(a.storage_options)), a.version, a.device, a.nprobe)
+    hits = searcher.search([a.question], a.k, with_states=a.with_states or bool(a.out))[0]
+    if a.json:
+        print(json.dumps([{"id": h.id, "score": h.score, "title": h.title,
+                           "n_tokens": int(h.states.token_ids.size) if h.states else None} for h in hits], indent=1))
+    else:
+        print(f"version {searcher.manifest.version}, top {len(hits)} for {a.question!r}:")
+        for rank, h in enumerate(hits, 1):
+            extra = f"  [{h.states.states.shape[0]} x {h.states.states.shape[1]} states]" if h.states else ""
+            print(f"{rank:3d}. {h.id:>10}  {h.score:8.4f}  {h.title}{extra}")
+    if a.out:
+        arrays = {}
+        for h in hits:
+            if h.states:
+                arrays[f"token_ids_{h.id}"] = h.states.token_ids
+                arrays[f"states_{h.id}"] = h.states.states
+        tmp = f"{a.out}.tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, a.out)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -437,12 +487,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bits", type=float, default=8, help="bits per code in the int8 container, 2..8; fractional "
                    "values set the level count (5.25 = 37 levels)")
     g.add_argument("--zstd-level", type=int, default=3)
+    g = r.add_argument_group("DPR retrieval index (same run, same ids)")
+    g.add_argument("--dpr-model", default=None, help="passage encoder, e.g. facebook/dpr-ctx_encoder-single-nq-base "
+                   "or bundled:all-minilm-l6-v2 (default: no DPR pass)")
+    g.add_argument("--dpr-pooling", default="auto", choices=["auto", "cls", "mean"],
+                   help="auto: DPR pooler / sentence-transformers config / CLS")
+    g.add_argument("--dpr-question-model", default=None, help="default: the DPR question twin, or the same model")
+    g.add_argument("--dpr-dtype", default="float16", choices=["float16", "float32"])
+    g.add_argument("--index-factory", default="Flat", help="FAISS factory string, inner product (see plan-index)")
+    g.add_argument("--nprobe", type=int, default=16)
     g = r.add_argument_group("execution")
     g.add_argument("--address", default=None, help="Ray address (default: start a local cluster)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--num-encoders", type=int, default=None, help="encoder actors (default: one per GPU, or 1)")
     g.add_argument("--shard-size", type=int, default=1000, help="passages per shard file (default 1000)")
-    g.add_argument("--token-budget", type=int, default=16384, help="padded tokens per forward batch")
+    g.add_argument("--token-budget", type=int, default=None,
+                   help="padded tokens per forward batch (default: 4096 on CPU, 65536 on GPU)")
     g.add_argument("--summary-json", default=None, help="also write the run summary here")
     r.set_defaults(func=cmd_run)
 
@@ -530,6 +590,25 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     rp.add_argument("--out-dir", default="report")
     rp.set_defaults(func=cmd_report)
+
+    pi = sub.add_parser("plan-index", help="propose a FAISS index for N vectors in a memory budget, with the arithmetic")
+    pi.add_argument("--vectors", type=int, required=True)
+    pi.add_argument("--dim", type=int, default=768)
+    pi.add_argument("--memory", required=True, help="e.g. 64GB or 48GiB")
+    pi.add_argument("--json", action="store_true")
+    pi.set_defaults(func=cmd_plan_index)
+
+    se = sub.add_parser("search", help="DPR search over a store version: ids, scores, titles (and stored states)")
+    _add_store(se)
+    se.add_argument("question")
+    se.add_argument("-k", type=int, default=10)
+    se.add_argument("--with-states", action="store_true", help="also fetch each hit's stored token states")
+    se.add_argument("--out", default=None, help="write the hits' token ids and states to this .npz")
+    se.add_argument("--version", type=int, default=None)
+    se.add_argument("--nprobe", type=int, default=None)
+    se.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(func=cmd_search)
     return p
 
 
@@ -541,7 +620,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from pipeline.compress import CompressorError
     from pipeline.corpus import CorpusError
+    from pipeline.index import IndexIntegrityError
     from pipeline.reader import IntegrityError
+    from pipeline.search import NoIndex
     from storage.manifest import CommitConflict, ManifestError, NoVersion
 
     try:
@@ -549,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CorpusError, CompressorError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
-    except (NoVersion, ManifestError, IntegrityError, CommitConflict) as exc:
+    except (NoVersion, ManifestError, IntegrityError, CommitConflict, IndexIntegrityError, NoIndex) as exc:
         log.error("%s", exc)
         return EXIT_FAILED
 

@@ -116,7 +116,7 @@ class ExecutionConfig:
     device: str = "auto"
     num_encoders: int | None = None  # default: one per GPU, else 1
     shard_size: int = 1000  # passages per shard (one deterministic file each)
-    token_budget: int = 16384  # padded tokens per forward batch
+    token_budget: int | None = None  # padded tokens per forward batch; None = 4096 on CPU, 65536 on GPU
     row_group_size: int = 128
     task_cpus: float = 0.5  # CPUs declared by tokenise/write tasks (fractional: see DESIGN.md)
     encoder_cpus: float = 1.0
@@ -124,8 +124,38 @@ class ExecutionConfig:
 
     def __post_init__(self):
         _check_choice("device", self.device)
-        if self.shard_size < 1 or self.token_budget < 1 or self.row_group_size < 1:
+        if self.shard_size < 1 or (self.token_budget is not None and self.token_budget < 1) or self.row_group_size < 1:
             raise ConfigError("shard_size, token_budget and row_group_size must be positive")
+
+
+DEFAULT_DPR_CTX = "facebook/dpr-ctx_encoder-single-nq-base"
+
+
+@dataclass(frozen=True)
+class DprConfig:
+    model: str = DEFAULT_DPR_CTX
+    revision: str | None = None
+    pooling: str = "auto"             # auto | cls | mean
+    normalize: bool | None = None     # L2-normalise embeddings; None = as the model's sentence-transformers config says
+    question_model: str | None = None  # default: the DPR question twin, or the same model
+    dtype: str = "float16"            # stored embedding dtype
+    index_factory: str = "Flat"
+    train_sample: int = 100_000
+    nprobe: int = 16
+
+    def __post_init__(self):
+        if self.pooling not in ("auto", "cls", "mean"):
+            raise ConfigError(f"dpr pooling={self.pooling!r} is not one of auto, cls, mean")
+        if self.dtype not in ("float16", "float32"):
+            raise ConfigError(f"dpr dtype={self.dtype!r} is not float16 or float32")
+
+    @property
+    def question(self) -> str:
+        if self.question_model:
+            return self.question_model
+        if "dpr-ctx_encoder" in self.model:
+            return self.model.replace("dpr-ctx_encoder", "dpr-question_encoder")
+        return self.model
 
 
 @dataclass(frozen=True)
@@ -135,6 +165,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    dpr: DprConfig | None = None  # None: no DPR embeddings or index in this run
     # fsspec options (credentials, endpoint). Never logged, never written to a manifest.
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -142,6 +173,7 @@ class RunConfig:
         """The config as recorded with the output: no storage options, URLs redacted."""
         from storage.fs import redact_url
         body = {k: dataclasses.asdict(getattr(self, k)) for k in ("corpus", "model", "compression", "execution")}
+        body["dpr"] = dataclasses.asdict(self.dpr) if self.dpr else None
         body["store"] = redact_url(self.store)
         body["corpus"]["url"] = redact_url(self.corpus.url)
         body["execution"]["ray_address"] = redact_url(self.execution.ray_address or "")
@@ -164,7 +196,7 @@ def digest(obj: Any, n: int = 16) -> str:
 
 
 _SECTIONS = {"corpus": CorpusConfig, "model": ModelConfig, "compression": CompressionConfig,
-             "execution": ExecutionConfig}
+             "execution": ExecutionConfig, "dpr": DprConfig}
 
 
 def run_config_from_dict(body: dict[str, Any]) -> RunConfig:
@@ -179,6 +211,9 @@ def run_config_from_dict(body: dict[str, Any]) -> RunConfig:
         raise ConfigError("store: required (a local path, s3://bucket/prefix or gs://bucket/prefix)")
     sections = {}
     for name, cls in _SECTIONS.items():
+        if name == "dpr" and not body.get("dpr"):
+            sections["dpr"] = None
+            continue
         raw = body.get(name) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{name}: must be a mapping")

@@ -32,6 +32,12 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def default_token_budget(device: torch.device) -> int:
+    """Padded tokens per forward pass: small on CPU (cache-friendly, measured best at 4096 here),
+    large on GPU to fill the device."""
+    return 65536 if device.type == "cuda" else 4096
+
+
 def token_budget_batches(lengths: np.ndarray, budget: int) -> list[np.ndarray]:
     """Group indices (longest first) so each batch's padded size, count x max length, fits `budget`."""
     order = np.argsort(-lengths, kind="stable")
@@ -125,11 +131,21 @@ def pad_batch(seqs: list[np.ndarray], types: list[np.ndarray], pad_id: int, devi
     return as_t(ids), as_t(tt), as_t(am)
 
 
+def _to_host(t: torch.Tensor) -> np.ndarray:
+    """Device -> host through pinned memory (an async DMA on GPU); a plain view on CPU."""
+    if t.device.type != "cuda":
+        return t.numpy()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream().synchronize()
+    return host.numpy()
+
+
 class ShardEncoder:
     """Lower layers -> projection -> quantisation, all on the device; returns per-passage codes."""
 
     def __init__(self, model_cfg: ModelConfig, compressor: Compressor, quantize_mode: str, bits: float,
-                 token_budget: int, device: torch.device, pad_id: int = 0):
+                 token_budget: int | None, device: torch.device, pad_id: int = 0):
         self.encoder = LayeredEncoder(model_cfg, device)
         if compressor.hidden != self.encoder.hidden:
             raise ConfigError(f"compressor expects hidden size {compressor.hidden}, "
@@ -137,7 +153,7 @@ class ShardEncoder:
         self.project = compressor.torch_module(device, self.encoder.dtype)
         self.quantize_mode = quantize_mode
         self.bits = bits
-        self.token_budget = token_budget
+        self.token_budget = token_budget or default_token_budget(device)
         self.pad_id = pad_id
 
     def encode(self, input_ids: list[np.ndarray], token_types: list[np.ndarray]) -> EncodedShard:
@@ -160,8 +176,8 @@ class ShardEncoder:
                     q, s = z.to(torch.float16), None
                 else:
                     q, s = quantize(z, self.bits)
-            q_host = q.cpu().numpy()
-            s_host = s.cpu().numpy() if s is not None else None
+            q_host = _to_host(q)
+            s_host = _to_host(s) if s is not None else None
             offset = 0
             for i in batch:
                 n = int(lengths[i])

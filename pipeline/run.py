@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.compress import Compressor
-from pipeline.config import RunConfig, digest, fingerprint
+from pipeline.config import ModelConfig, RunConfig, digest, fingerprint
 from pipeline.corpus import Corpus, CorpusScan
 from pipeline.encoder import model_revision, pick_device
 from pipeline.fit import fit_compressor
@@ -130,7 +130,7 @@ def _obtain_compressor(cfg: RunConfig, store: Store, corpus: Corpus, scan: Corpu
         gpus = 1 if cluster_gpus() else 0
         remote = ray.remote(num_cpus=cfg.execution.encoder_cpus, num_gpus=gpus)(_fit_task)
         data = ray.get(remote.remote(cfg.model, titles, texts, c.dims, max_length, cfg.execution.device,
-                                     cfg.execution.token_budget, ids))
+                                     cfg.execution.token_budget or 8192, ids))
         sha = sha256_bytes(data)
     if not store.exists(rel) or store.size(rel) != len(data):
         store.write_bytes(rel, data)
@@ -156,12 +156,25 @@ def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
 
     comp_rel, comp_sha, comp_bytes = _obtain_compressor(cfg, store, corpus, scan, revision, max_length)
     fp = fingerprint(cfg.model, revision, cfg.compression, comp_sha, max_length, SCHEMA_VERSION)
+    shares = True
+    if cfg.dpr is not None:
+        from pipeline.dpr import resolve_normalize, resolve_pooling, same_vocabulary
+        from pipeline.encoder import model_revision as _rev
+        dpr_model = ModelConfig(name=cfg.dpr.model, revision=cfg.dpr.revision)
+        fp["dpr"] = {"model": cfg.dpr.model, "revision": _rev(dpr_model),
+                     "pooling": resolve_pooling(cfg.dpr.model, cfg.dpr.pooling), "dtype": cfg.dpr.dtype,
+                     "normalize": resolve_normalize(cfg.dpr.model, cfg.dpr.normalize),
+                     "question_model": cfg.dpr.question}
+        shares = same_vocabulary(cfg.model.name, cfg.dpr.model)
+        log.info("DPR pass: %s (%s pooling), %s", cfg.dpr.model, fp["dpr"]["pooling"],
+                 "sharing the input component's token ids" if shares else "own tokenizer")
     policy = {"on_too_long": cfg.model.on_too_long, "shard_size": cfg.execution.shard_size}
     run_id = digest({"fingerprint": fp, "corpus": scan.digest, "policy": policy})
     run_dir = f"runs/{run_id}"
     ctx = StageContext(store_url=cfg.store, run_dir=run_dir, model=cfg.model, compression=cfg.compression,
                        execution=cfg.execution, max_length=max_length, compressor_path=comp_rel,
-                       compressor_sha256=comp_sha, fingerprint=fp, storage_options=cfg.storage_options)
+                       compressor_sha256=comp_sha, fingerprint=fp, dpr=cfg.dpr, dpr_shares_tokens=shares,
+                       storage_options=cfg.storage_options)
 
     n_shards = math.ceil(scan.n / cfg.execution.shard_size)
     markers = {k: m for k in range(n_shards) if (m := read_marker(store, run_dir, k)) is not None}
@@ -214,7 +227,9 @@ def _encode_shards(ctx: StageContext, pending: list[int], encode_stage: type) ->
 def _commit(cfg, store, scan, ctx, run_id, markers, n_shards, comp_rel, comp_sha, comp_bytes, t_start,
             encoded_now, resumed) -> RunSummary:
     ordered = [markers[k] for k in range(n_shards)]
-    shards = [{k: m[k] for k in ("path", "kind", "rows", "bytes", "sha256", "id_min", "id_max")} for m in ordered]
+    keys = ("path", "kind", "rows", "bytes", "sha256", "id_min", "id_max")
+    shards = [{k: m[k] for k in keys} for m in ordered]
+    shards += [{**{k: m["dpr"][k] for k in keys if k != "kind"}, "kind": "dpr"} for m in ordered if m.get("dpr")]
     too_long = sum(m["skipped_too_long"] for m in ordered)
     written = sum(m["rows"] for m in ordered)
     if written != scan.n - too_long:
@@ -225,6 +240,11 @@ def _commit(cfg, store, scan, ctx, run_id, markers, n_shards, comp_rel, comp_sha
               "skipped": skipped, "truncated": sum(m["truncated"] for m in ordered),
               "tokens": sum(m["tokens"] for m in ordered), "raw_code_bytes": sum(m["raw_code_bytes"] for m in ordered)}
     artifacts = {"compressor": {"path": comp_rel, "sha256": comp_sha, "bytes": comp_bytes}}
+    if cfg.dpr is not None:
+        artifacts["dpr_index"] = build_index(cfg, store, ctx.run_dir, [s for s in shards if s["kind"] == "dpr"])
+    extra = {"config": cfg.public_dict(), "corpus_digest": scan.digest}
+    if cfg.dpr is not None:
+        extra["dpr"] = ctx.fingerprint["dpr"]
     latest = mf.latest_version(store)
     committed = True
     if latest is not None and (prev := mf.load(store, latest)).run_id == run_id and prev.shards == shards:
@@ -234,11 +254,75 @@ def _commit(cfg, store, scan, ctx, run_id, markers, n_shards, comp_rel, comp_sha
     else:
         manifest = mf.commit(store, latest, run_id=run_id, fingerprint=ctx.fingerprint, shards=shards,
                              artifacts=artifacts, counts=counts,
-                             extra={"config": cfg.public_dict(), "corpus_digest": scan.digest})
+                             extra=extra)
+    written_bytes = sum(s["bytes"] for s in shards) + sum(a["bytes"] for a in artifacts.values())
     return RunSummary(
         store=store.display_url, version=manifest.version, run_id=run_id, committed=committed,
         passages_in=scan.counts.rows_read, written=written, skipped=skipped, truncated=counts["truncated"],
-        tokens=counts["tokens"], bytes=sum(s["bytes"] for s in shards), shards=len(shards),
+        tokens=counts["tokens"], bytes=written_bytes, shards=len(ordered),
         shards_resumed=resumed, passages_encoded_this_run=encoded_now,
         wall_seconds=time.perf_counter() - t_start,
         encode_seconds=sum(m["encode_seconds"] for m in ordered))
+
+
+# ---------------------------------------------------------------- FAISS index
+
+def _read_embeddings(store_url: str, storage_options: dict, path: str) -> tuple[np.ndarray, np.ndarray]:
+    from storage.shards import read_rows
+
+    t = read_rows(Store(store_url, storage_options), path, columns=["id", "embedding"])
+    emb = t.column("embedding").combine_chunks()
+    dim = emb.type.list_size
+    vecs = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    return t.column("id").to_numpy(), vecs
+
+
+def _index_part_task(store_url: str, storage_options: dict, path: str, trained: bytes) -> bytes:
+    from pipeline import index as fx
+
+    ids, vecs = _read_embeddings(store_url, storage_options, path)
+    return fx.add_part(trained, ids, vecs)
+
+
+def build_index(cfg: RunConfig, store: Store, run_dir: str, dpr_shards: list[dict]) -> dict:
+    """Train on a sample, add shard by shard as Ray tasks, merge; reuse a verified earlier build."""
+    import ray
+
+    from pipeline import index as fx
+
+    factory = cfg.dpr.index_factory
+    rel = f"{run_dir}/index/dpr-{digest(factory, 8)}.faiss"
+    marker_rel = rel + ".done.json"
+    if store.exists(marker_rel):
+        entry = json.loads(store.read_bytes(marker_rel))
+        if store.exists(rel) and store.size(rel) == entry["bytes"] and store.sha256(rel) == entry["sha256"]:
+            log.info("reusing the FAISS index built by an earlier attempt: %s", rel)
+            return entry
+    t0 = time.perf_counter()
+    sample_ids, sample = [], []
+    have = 0
+    for shard in dpr_shards:
+        ids, vecs = _read_embeddings(cfg.store, cfg.storage_options, shard["path"])
+        sample.append(vecs)
+        have += len(vecs)
+        if have >= cfg.dpr.train_sample:
+            break
+    train_x = np.concatenate(sample)[: cfg.dpr.train_sample]
+    dim = train_x.shape[1]
+    index = fx.train(fx.new_index(factory, dim), train_x)
+    trained = fx.to_bytes(index)
+    task = ray.remote(num_cpus=cfg.execution.task_cpus)(_index_part_task)
+    parts = ray.get([task.remote(cfg.store, cfg.storage_options, s["path"], trained) for s in dpr_shards])
+    merged = fx.merge(trained, parts)
+    expected = sum(s["rows"] for s in dpr_shards)
+    if merged.ntotal != expected:
+        raise RuntimeError(f"index holds {merged.ntotal} vectors, DPR shards hold {expected}; not committing")
+    data = fx.to_bytes(merged)
+    store.write_bytes(rel, data)
+    entry = {"path": rel, "sha256": sha256_bytes(data), "bytes": len(data), "factory": factory, "dim": dim,
+             "ntotal": int(merged.ntotal), "metric": "inner_product", "nprobe": cfg.dpr.nprobe,
+             "faiss_gpu": bool(fx.gpu_count())}
+    store.write_bytes(marker_rel, json.dumps(entry).encode())
+    log.info("built FAISS %s over %d vectors (%d dims) in %.1f s: %.1f MB", factory, merged.ntotal, dim,
+             time.perf_counter() - t0, len(data) / 1e6)
+    return entry

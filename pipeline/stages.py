@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.compress import Compressor, CompressorError
-from pipeline.config import CompressionConfig, ExecutionConfig, ModelConfig
+from pipeline.config import CompressionConfig, DprConfig, ExecutionConfig, ModelConfig
 from pipeline.encoder import ShardEncoder, pick_device
 from pipeline.pack import Packer
 from pipeline.tokenize import PairTokenizer
@@ -33,6 +33,17 @@ def input_path(run_dir: str, shard: int) -> str:
 
 def state_path(run_dir: str, shard: int) -> str:
     return f"{run_dir}/states/part-{shard:05d}.parquet"
+
+
+def dpr_path(run_dir: str, shard: int) -> str:
+    return f"{run_dir}/dpr/part-{shard:05d}.parquet"
+
+
+def dpr_schema(dim: int, dtype: str) -> pa.Schema:
+    """DPR embedding shard: plain Arrow FixedSizeList vectors (no Ray tensor extension types)."""
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema([pa.field("id", pa.int64(), nullable=False), pa.field("title", pa.string()),
+                      pa.field("embedding", pa.list_(value, dim), nullable=False)])
 
 
 def marker_path(run_dir: str, shard: int) -> str:
@@ -78,6 +89,8 @@ class StageContext:
     compressor_path: str
     compressor_sha256: str
     fingerprint: dict[str, Any]
+    dpr: DprConfig | None = None
+    dpr_shares_tokens: bool = True  # same vocabulary: the DPR pass reuses the token ids
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def store(self) -> Store:
@@ -96,6 +109,13 @@ class TokenizeStage:
         self.ctx = ctx
         self.store = ctx.store()
         self.tok = PairTokenizer(ctx.model, ctx.max_length)
+        self.dpr_tok = None
+        if ctx.dpr is not None and not ctx.dpr_shares_tokens:
+            from transformers import AutoTokenizer
+
+            from pipeline.config import resolve_model
+            self.dpr_tok = AutoTokenizer.from_pretrained(resolve_model(ctx.dpr.model), revision=ctx.dpr.revision,
+                                                         use_fast=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         shards, tables = [], []
@@ -110,6 +130,14 @@ class TokenizeStage:
                 "token_ids": pa.array([tok.input_ids[i] for i in keep], pa.list_(id_type)),
                 "token_type_ids": pa.array([tok.token_type_ids[i] for i in keep], pa.list_(pa.uint8())),
             })
+            if self.ctx.dpr is not None:
+                table = table.append_column("title", inp.column("title").take(keep))
+            if self.dpr_tok is not None:
+                titles = table.column("title").to_pylist()
+                texts = inp.column("text").take(keep).to_pylist()
+                enc = self.dpr_tok(titles, texts, truncation=True, max_length=512, return_token_type_ids=True)
+                table = table.append_column("dpr_token_ids", pa.array(enc["input_ids"], pa.list_(pa.int32())))
+                table = table.append_column("dpr_token_type_ids", pa.array(enc["token_type_ids"], pa.list_(pa.uint8())))
             shards.append(shard)
             tables.append(with_meta(table, {"passages_in": inp.num_rows, "truncated": tok.truncated,
                                             "skipped_too_long": tok.skipped_too_long,
@@ -130,6 +158,11 @@ class EncodeStage:
             torch.set_num_threads(ctx.execution.torch_threads or per_actor)
         c = ctx.compression
         self.encoder = ShardEncoder(ctx.model, compressor, c.quantize, c.bits, ctx.execution.token_budget, device)
+        self.embedder = None
+        if ctx.dpr is not None:
+            from pipeline.dpr import Embedder
+            self.embedder = Embedder(ctx.dpr.model, ctx.dpr.revision, ctx.dpr.pooling, device,
+                                     normalize=ctx.fingerprint["dpr"]["normalize"])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         shards, tables = [], []
@@ -148,6 +181,19 @@ class EncodeStage:
                                    else [None] * len(ids), pa.list_(pa.float16())),
                 "raw_codes": pa.array(codes, pa.large_binary()),
             }
+            if self.embedder is not None:
+                t0 = time.perf_counter()
+                if "dpr_token_ids" in table.column_names:
+                    d_ids = [np.asarray(x, dtype=np.int64) for x in table.column("dpr_token_ids").to_numpy(zero_copy_only=False)]
+                    d_types = [np.asarray(x) for x in table.column("dpr_token_type_ids").to_numpy(zero_copy_only=False)]
+                else:
+                    d_ids, d_types = ids, types
+                emb = self.embedder.embed_ids(d_ids, d_types) if d_ids else np.zeros((0, self.embedder.dim), np.float32)
+                out["title"] = table.column("title")
+                out["dpr_embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()),
+                                                                         self.embedder.dim)
+                meta["dpr_seconds"] = time.perf_counter() - t0
+                meta["dpr_dim"] = self.embedder.dim
             meta.update({"tokens": enc.tokens if enc else 0, "padded_tokens": enc.padded_tokens if enc else 0,
                          "encode_seconds": enc.seconds if enc else 0.0})
             shards.append(shard)
@@ -186,16 +232,28 @@ class WriteStage:
             ], schema=schema)
             shard_file = write_shard(self.store, state_path(self.ctx.run_dir, shard), out,
                                      shard_metadata(self.ctx), self.ctx.execution.row_group_size)
+            dpr_file = None
+            if "dpr_embedding" in table.column_names:
+                dpr_file = self._write_dpr(shard, table, meta["dpr_dim"])
             marker = {**shard_file.to_dict(), "kind": "states", "shard": shard,
+                      "dpr": dpr_file.to_dict() if dpr_file else None,
                       "passages_in": meta["passages_in"], "truncated": meta["truncated"],
                       "skipped_too_long": meta["skipped_too_long"], "tokens": meta["tokens"],
                       "padded_tokens": meta["padded_tokens"], "encode_seconds": meta["encode_seconds"],
                       "raw_code_bytes": int(sum(len(r) for r in raw)),
-                      "write_seconds": time.perf_counter() - t0}
+                      "write_seconds": time.perf_counter() - t0, "finished_at": time.time()}
             self.store.write_bytes(marker_path(self.ctx.run_dir, shard), json.dumps(marker).encode())
             rows["shard"].append(shard)
             rows["marker"].append(json.dumps(marker))
         return pa.table({"shard": pa.array(rows["shard"], pa.int32()), "marker": pa.array(rows["marker"])})
+
+    def _write_dpr(self, shard: int, table: pa.Table, dim: int):
+        schema = dpr_schema(dim, self.ctx.dpr.dtype)
+        emb = table.column("dpr_embedding").combine_chunks().cast(schema.field("embedding").type)
+        out = pa.Table.from_arrays([table.column("id"), table.column("title"), emb], schema=schema)
+        md = {"dpr_model": self.ctx.fingerprint["dpr"]["model"], "pooling": self.ctx.fingerprint["dpr"]["pooling"],
+              "dim": dim, "dtype": self.ctx.dpr.dtype, "schema_version": SCHEMA_VERSION}
+        return write_shard(self.store, dpr_path(self.ctx.run_dir, shard), out, md, self.ctx.execution.row_group_size)
 
 
 def read_marker(store: Store, run_dir: str, shard: int, verify_checksum: bool = True) -> dict | None:
@@ -208,10 +266,13 @@ def read_marker(store: Store, run_dir: str, shard: int, verify_checksum: bool = 
     except (ValueError, UnicodeDecodeError):
         return None  # torn or foreign marker: redo the shard
     try:
-        if store.size(marker["path"]) != marker["bytes"]:
-            return None
-        if verify_checksum and store.sha256(marker["path"]) != marker["sha256"]:
-            return None
-    except (FileNotFoundError, KeyError, TypeError):
+        for entry in (marker, marker.get("dpr")):
+            if entry is None:
+                continue
+            if store.size(entry["path"]) != entry["bytes"]:
+                return None
+            if verify_checksum and store.sha256(entry["path"]) != entry["sha256"]:
+                return None
+    except (FileNotFoundError, KeyError, TypeError, AttributeError):
         return None
     return marker

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from jobs.cli import main as cli
-from pipeline.config import BUNDLED_MODEL, CompressionConfig, CorpusConfig, ModelConfig, RunConfig
+from pipeline.config import BUNDLED_MODEL, CompressionConfig, CorpusConfig, DprConfig, ModelConfig, RunConfig
 from pipeline.encoder import LayeredEncoder, pad_batch
 from pipeline.reader import StateReader
 from pipeline.run import run
@@ -25,7 +25,8 @@ MODEL = ModelConfig(name=BUNDLED_MODEL, layers=3)
 def sample_store(tmp_path_factory, ray_local, sample_tsv):
     store = str(tmp_path_factory.mktemp("store"))
     cfg = RunConfig(store=store, corpus=CorpusConfig(url=str(sample_tsv)), model=MODEL,
-                    compression=CompressionConfig(dims=96, fit_sample=256))
+                    compression=CompressionConfig(dims=96, fit_sample=256),
+                    dpr=DprConfig(model=BUNDLED_MODEL, pooling="mean", index_factory="Flat"))
     return cfg, run(cfg)
 
 
@@ -134,3 +135,87 @@ def test_report_rate_distortion_on_real_weights(tmp_path, sample_tsv, capsys):
     assert 0 <= by[(8, "int8+zstd")]["delta_vs_unquantised"] < by[(5, "int8+zstd")]["delta_vs_unquantised"]
     assert (out / "rate_distortion.png").stat().st_size > 10_000
     assert "Cheapest storage within 0.002" in (out / "rate_distortion.md").read_text()
+
+
+# ---------------------------------------------------------------- DPR index (issue: retrieval)
+
+def first_full_sentence(text: str) -> str:
+    """The passage's first complete sentence: a passage that starts mid-sentence (a 100-word window)
+    skips that leading fragment ("begin to die"), which no retriever could place."""
+    parts = [p for p in text.split(" . ") if p.strip()]
+    if len(parts) > 1 and not parts[0][:1].isupper() and parts[0][:1] not in '"(':
+        return parts[1]
+    return parts[0]
+
+
+def _queries(n=200, seed=3):
+    rows = first_passages(2333)
+    rng = np.random.default_rng(seed)
+    picked = [rows[i] for i in rng.choice(len(rows), n, replace=False)]
+    return [(pid, first_full_sentence(text)) for pid, text, _ in picked]
+
+
+def test_index_ids_equal_manifest_ids(sample_store):
+    from pipeline import index as fx
+    cfg, _ = sample_store
+    store = Store(cfg.store)
+    m = mf.load(store)
+    index = fx.load_checked(store, m.artifacts["dpr_index"])
+    states_ids = StateReader(store).ids()
+    dpr_ids = np.sort(np.concatenate([read_rows_ids(store, s["path"]) for s in m.shards_of("dpr")]))
+    assert np.array_equal(fx.index_ids(index), states_ids)
+    assert np.array_equal(dpr_ids, states_ids)
+    assert m.artifacts["dpr_index"]["ntotal"] == 2333 and m.extra["dpr"]["pooling"] == "mean"
+
+
+def read_rows_ids(store, path):
+    from storage.shards import read_rows
+    return read_rows(store, path, columns=["id"]).column("id").to_numpy()
+
+
+def test_first_sentence_finds_its_passage_in_the_top_5(sample_store):
+    from pipeline.search import Searcher
+    cfg, _ = sample_store
+    searcher = Searcher(Store(cfg.store))
+    queries = _queries()
+    results = searcher.search([q for _, q in queries], k=5)
+    hit = np.mean([pid in {h.id for h in hits} for (pid, _), hits in zip(queries, results)])
+    print(f"top-5 self-retrieval on 200 first-sentence queries: {hit:.3f}")
+    assert hit >= 0.85, hit
+    assert results[0][0].title  # titles come back with the hits
+
+
+def test_approximate_index_recall_at_10_against_flat(sample_store):
+    from pipeline import index as fx
+    from pipeline.run import _read_embeddings
+    from pipeline.search import Searcher
+    cfg, _ = sample_store
+    store = Store(cfg.store)
+    m = mf.load(store)
+    parts = [_read_embeddings(cfg.store, {}, s["path"]) for s in m.shards_of("dpr")]
+    vecs = np.concatenate([v for _, v in parts])
+    q = Searcher(store).encoder.embed_questions([t for _, t in _queries()])
+    exact = fx.load_checked(store, m.artifacts["dpr_index"])
+    report = {}
+    for factory, nprobe in (("IVF32,PQ16", 4), ("IVF32,SQ8", 4), ("HNSW32,SQ8", 16)):
+        trained = fx.to_bytes(fx.train(fx.new_index(factory, vecs.shape[1]), vecs))
+        approx = fx.merge(trained, [fx.add_part(trained, ids, v) for ids, v in parts])
+        fx.set_nprobe(approx, nprobe)
+        report[factory] = fx.recall_at_k(exact, approx, q, 10).recall
+    print("recall@10 vs Flat:", report)
+    assert report["IVF32,SQ8"] >= 0.9, report
+    assert report["IVF32,PQ16"] < report["IVF32,SQ8"]  # the plain PQ baseline is worse, as measured upstream
+
+
+def test_search_cli_with_states_and_bad_input(sample_store, tmp_path, capsys):
+    cfg, _ = sample_store
+    out = tmp_path / "hits.npz"
+    assert cli(["search", "--store", cfg.store, "Who is Robert Boulter?", "-k", "3", "--with-states",
+                "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Robert Boulter" in text and "x 384 states" in text
+    z = np.load(out)
+    assert len([f for f in z.files if f.startswith("states_")]) == 3
+    assert cli(["search", "--store", cfg.store, "   "]) == 2
+    assert cli(["search", "--store", cfg.store, "q", "-k", "0"]) == 2
+    assert cli(["search", "--store", str(tmp_path / "empty"), "q"]) == 1

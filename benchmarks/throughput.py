@@ -1,0 +1,236 @@
+"""Throughput benchmark: a DPR-style naive encoder vs the pipeline's encoder, in the same run.
+
+    python -m benchmarks.throughput                     # CPU: MiniLM, lower 3 layers, the bundled sample
+    python -m benchmarks.throughput --e2e-repeat 4      # also the Ray pipeline end to end on 4x the sample
+    python -m benchmarks.throughput --bert-base         # GPU: BERT-base geometry (random weights), MFU
+
+Prints tokens/s (real tokens only), their ratio, and on GPU the model-FLOP utilisation against a
+bf16 matmul peak measured in the same run. Ratios, not absolute numbers, are what to compare.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+from pipeline.compress import Compressor, PcaAccumulator
+from pipeline.config import (BUNDLED_MODEL, CompressionConfig, CorpusConfig, ExecutionConfig, ModelConfig,
+                             RunConfig, resolve_model)
+from pipeline.corpus import Corpus
+from pipeline.encoder import ShardEncoder, compute_dtype, pick_device
+from pipeline.tokenize import PairTokenizer
+
+log = logging.getLogger("benchmark")
+
+
+def load_passages(url: str, limit: int | None = None) -> tuple[list[int], list[str], list[str]]:
+    corpus = Corpus(CorpusConfig(url=url, limit=limit))
+    scan = corpus.scan()
+    rows = [r for t in corpus.batches(scan, 4096) for r in t.to_pylist()]
+    return [r["id"] for r in rows], [r["title"] for r in rows], [r["text"] for r in rows]
+
+
+def flops_per_token(hidden: int, ffn: int, layers: int, seq: float) -> float:
+    """Forward FLOPs per token: QKV+O (8h^2) + FFN (4 h ffn) + attention scores and mix (4 L h)."""
+    return layers * (8 * hidden * hidden + 4 * hidden * ffn + 4 * seq * hidden)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: int = 20) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+class NaiveEncoder:
+    """DPR's encoder loop: pad to 256, fixed batch, corpus order, tokenise inside the loop, full-width
+    states to the host, project there. fp32 on CPU, fp16 on GPU."""
+
+    def __init__(self, model_path: str, layers: int, comp: Compressor, device, batch: int = 32, max_len: int = 256):
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.model = AutoModel.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        self.model.encoder.layer = self.model.encoder.layer[:layers]
+        self.model.config.num_hidden_layers = layers
+        self.comp, self.device, self.batch, self.max_len = comp, device, batch, max_len
+
+    def __call__(self, titles, texts) -> int:
+        tokens = 0
+        with torch.no_grad():
+            for i in range(0, len(texts), self.batch):
+                enc = self.tok(titles[i:i + self.batch], texts[i:i + self.batch], padding="max_length",
+                               truncation=True, max_length=self.max_len, return_tensors="pt")
+                out = self.model(**{k: v.to(self.device) for k, v in enc.items()}).last_hidden_state
+                h = out.float().cpu().numpy()
+                mask = enc["attention_mask"].numpy().astype(bool)
+                for row in range(h.shape[0]):
+                    self.comp.compress(h[row][mask[row]])
+                tokens += int(mask.sum())
+        return tokens
+
+
+class PipelineEncoder:
+    """The pipeline's encoder: tokenise (counted here; overlapped on other workers in the pipeline),
+    length-sorted token-budget batches, projection and int8 on the device."""
+
+    def __init__(self, model: ModelConfig, comp: Compressor, device, budget: int | None, max_len: int):
+        self.enc = ShardEncoder(model, comp, "int8", 8, budget, device)
+        self.tok = PairTokenizer(model, max_len)
+
+    def __call__(self, titles, texts) -> int:
+        return self.enc.encode(*_tok(self.tok, titles, texts)).tokens
+
+
+def timed(fn, titles, texts, device) -> tuple[int, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tokens = fn(titles, texts)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return tokens, time.perf_counter() - t0
+
+
+def _tok(tok, titles, texts):
+    t = tok(titles, texts)
+    return t.input_ids, t.token_type_ids
+
+
+def fit(model: ModelConfig, titles, texts, dims: int, device) -> Compressor:
+    from pipeline.fit import fit_compressor
+    from pipeline.tokenize import model_max_length
+    return fit_compressor(model, titles[:256], texts[:256], dims, model_max_length(model), device)
+
+
+def e2e(model: ModelConfig, comp: Compressor, ids, titles, texts, repeat: int, shard_size: int,
+        budget: int) -> dict:
+    """The Ray pipeline on the sample repeated with new ids: steady state vs fixed start-up cost."""
+    from pipeline.run import run
+
+    tmp = tempfile.mkdtemp(prefix="bench-")
+    corpus = os.path.join(tmp, "corpus.tsv")
+    with open(corpus, "w") as fh:
+        fh.write("id\ttext\ttitle\n")
+        for r in range(repeat):
+            for pid, title, text in zip(ids, titles, texts):
+                fh.write(f"{r * 10_000_000 + pid}\t{text}\t{title}\n")
+    comp_path = os.path.join(tmp, "c.safetensors")
+    with open(comp_path, "wb") as fh:
+        fh.write(comp.to_bytes())
+    cfg = RunConfig(store=os.path.join(tmp, "store"), corpus=CorpusConfig(url=corpus), model=model,
+                    compression=CompressionConfig(dims=comp.dims, compressor=comp_path),
+                    execution=ExecutionConfig(shard_size=shard_size, token_budget=budget))
+    t0 = time.perf_counter()
+    wall_start = time.time()
+    summary = run(cfg)
+    wall = time.perf_counter() - t0
+    from storage import manifest as mf
+    from storage.fs import Store
+    store = Store(cfg.store)
+    m = mf.load(store)
+    markers = sorted((json.loads(store.read_bytes(s["path"].replace(".parquet", ".done.json"))) for s in m.shards),
+                     key=lambda x: x["finished_at"])
+    first, last = markers[0]["finished_at"], markers[-1]["finished_at"]
+    steady_tokens = sum(x["tokens"] for x in markers[1:])
+    return {"passages": summary.written, "tokens": summary.tokens, "shards": summary.shards, "wall_s": wall,
+            "fixed_s": first - wall_start, "steady_tokens_per_s": steady_tokens / max(last - first, 1e-9),
+            "encode_seconds_in_actor": sum(x["encode_seconds"] for x in markers),
+            "actor_encode_tokens_per_s": summary.tokens / sum(x["encode_seconds"] for x in markers)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default="bundled:wiki_passages_2k")
+    p.add_argument("--model", default=BUNDLED_MODEL)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--dims", type=int, default=96)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--token-budget", type=int, default=None, help="default: the pipeline's (4096 CPU, 65536 GPU)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds per encoder (median reported)")
+    p.add_argument("--e2e-repeat", type=int, default=0, help="also run the Ray pipeline on the sample x N")
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--bert-base", action="store_true", help="BERT-base geometry, random weights (GPU benchmark)")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    device = pick_device("auto")
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    ids, titles, texts = load_passages(a.corpus, a.limit)
+    model_path = a.model
+    if a.bert_base:
+        tmp = tempfile.mkdtemp(prefix="bert-base-")
+        BertModel(BertConfig()).save_pretrained(tmp)  # 768 hidden, 12 layers, 3072 FFN: random weights
+        src = resolve_model(BUNDLED_MODEL)
+        import shutil
+        for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(os.path.join(src, f), tmp)
+        model_path = tmp
+    model = ModelConfig(name=model_path, layers=a.layers)
+    path = resolve_model(model.name)
+    cfg = AutoModel.from_pretrained(path).config
+    comp = fit(model, titles, texts, a.dims, device)
+    res: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.cuda.get_device_name() if device.type == 'cuda' else 'no GPU'}",
+                 "torch": torch.__version__, "threads": torch.get_num_threads(), "model": a.model if not a.bert_base else "bert-base geometry (random)",
+                 "layers": a.layers, "passages": len(texts), "device": device.type}
+    naive = NaiveEncoder(path, a.layers, comp, device)
+    mine = PipelineEncoder(model, comp, device, a.token_budget, 512)
+    for fn in (naive, mine):  # warm-up: allocator, kernels, caches
+        fn(titles[:256], texts[:256])
+    runs: dict[str, list[tuple[int, float]]] = {"naive": [], "pipeline": []}
+    for _ in range(a.rounds):  # alternate, so drift on a noisy machine hits both alike
+        runs["naive"].append(timed(naive, titles, texts, device))
+        runs["pipeline"].append(timed(mine, titles, texts, device))
+    for name, rs in runs.items():
+        rates = [t / s for t, s in rs]
+        res[name] = {"tokens": rs[0][0], "tokens_per_s": float(np.median(rates)), "rounds": rates}
+    res["speedup"] = res["pipeline"]["tokens_per_s"] / res["naive"]["tokens_per_s"]
+    pt, ps = res["pipeline"]["tokens"], res["pipeline"]["tokens"] / res["pipeline"]["tokens_per_s"]
+    nt, ns = res["naive"]["tokens"], res["naive"]["tokens"] / res["naive"]["tokens_per_s"]
+    seq = pt / len(texts)
+    fpt = flops_per_token(cfg.hidden_size, cfg.intermediate_size, a.layers, seq)
+    res["flops_per_token"] = fpt
+    if device.type == "cuda":
+        peak = matmul_peak(device, compute_dtype(device))
+        res["matmul_peak_tflops"] = peak / 1e12
+        res["mfu_pipeline"] = fpt * pt / ps / peak
+        res["mfu_naive"] = fpt * nt / ns / peak
+        dpr_fpt = flops_per_token(768, 3072, 12, seq)
+        tokens_32m = 32e6 * 150
+        per_gpu = pt / ps
+        res["projected_hours_32m_8gpus_input_component"] = tokens_32m / per_gpu / 8 / 3600
+        res["projected_hours_32m_8gpus_with_dpr"] = tokens_32m / per_gpu * (1 + dpr_fpt / fpt) / 8 / 3600
+    if a.e2e_repeat:
+        res["e2e"] = e2e(model, comp, ids, titles, texts, a.e2e_repeat, a.shard_size, a.token_budget)
+        res["e2e"]["steady_vs_encode_only"] = res["e2e"]["steady_tokens_per_s"] / res["pipeline"]["tokens_per_s"]
+    print(json.dumps(res, indent=1))
+    print(f"\nnaive {res['naive']['tokens_per_s']:,.0f} tok/s | pipeline encoder {res['pipeline']['tokens_per_s']:,.0f} "
+          f"tok/s | speedup {res['speedup']:.2f}x" + (f" | MFU {res['mfu_pipeline']:.1%}" if "mfu_pipeline" in res else ""))
+    if "e2e" in res:
+        e = res["e2e"]
+        print(f"end to end (Ray, {e['passages']} passages, {e['shards']} shards): steady {e['steady_tokens_per_s']:,.0f} "
+              f"tok/s = {e['steady_vs_encode_only']:.0%} of encode-only; fixed start-up {e['fixed_s']:.1f} s; wall {e['wall_s']:.1f} s")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""FAISS index over DPR passage embeddings, with ids = passage ids (removable for incremental updates).
+
+Training uses a sample; adding is split per shard (each part is the trained empty index plus one
+shard's vectors) so parts can be built in parallel and merged. An index file is loaded only after
+its sha256 matches the manifest.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from storage.fs import Store, sha256_bytes
+
+log = logging.getLogger(__name__)
+
+
+class IndexIntegrityError(RuntimeError):
+    """The index file is missing or does not match the checksum the manifest recorded."""
+
+
+def gpu_count() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def new_index(factory: str, dim: int) -> faiss.Index:
+    """An empty index that accepts passage ids and can remove them."""
+    try:
+        base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"invalid --index-factory {factory!r}: {exc}") from exc
+    if isinstance(faiss.try_extract_index_ivf(base), faiss.IndexIVF):
+        return base  # IVF lists carry ids and support remove_ids
+    return faiss.IndexIDMap2(base)
+
+
+def train(index: faiss.Index, sample: np.ndarray) -> faiss.Index:
+    if index.is_trained:
+        return index
+    if len(sample) == 0:
+        raise ValueError("no vectors to train the index on")
+    x = np.ascontiguousarray(sample, dtype=np.float32)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and ivf.nlist > len(x):
+        raise ValueError(f"index has {ivf.nlist} lists but only {len(x)} training vectors; lower nlist")
+    if gpu_count() and ivf is not None:
+        # Train the coarse quantizer's k-means on the GPU, as faiss' own benchmarks do.
+        clustering = faiss.Clustering(ivf.d, ivf.nlist)
+        gpu_q = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
+        clustering.train(x, gpu_q)
+        ivf.quantizer.train(x)
+        ivf.quantizer.reset()
+        ivf.quantizer.add(faiss.vector_to_array(clustering.centroids).reshape(ivf.nlist, ivf.d))
+        ivf.quantizer.is_trained = True
+    index.train(x)
+    return index
+
+
+def to_bytes(index: faiss.Index) -> bytes:
+    return faiss.serialize_index(index).tobytes()
+
+
+def from_bytes(data: bytes) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def add_part(trained: bytes, ids: np.ndarray, vectors: np.ndarray) -> bytes:
+    """One shard's part: the trained empty index plus that shard's vectors (a Ray task's work)."""
+    index = from_bytes(trained)
+    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+    return to_bytes(index)
+
+
+def merge(trained: bytes, parts: list[bytes]) -> faiss.Index:
+    index = from_bytes(trained)
+    for part in parts:
+        other = from_bytes(part)
+        try:
+            index.merge_from(other, 0)
+        except RuntimeError:
+            # Indexes without merge support (HNSW): re-add the part's vectors.
+            ids, vecs = _vectors_of(other)
+            index.add_with_ids(vecs, ids)
+    return index
+
+
+def _vectors_of(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    idmap = faiss.downcast_index(index)
+    ids = faiss.vector_to_array(idmap.id_map).astype(np.int64)
+    vecs = np.vstack([idmap.reconstruct(int(i)) for i in ids]) if ids.size else np.zeros((0, index.d), np.float32)
+    return ids, vecs
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """Every passage id the index holds (to check it against the manifest)."""
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return np.sort(faiss.vector_to_array(idx.id_map).astype(np.int64))
+    ivf = faiss.extract_index_ivf(index)
+    invlists = ivf.invlists
+    out = []
+    for lst in range(ivf.nlist):
+        n = invlists.list_size(lst)
+        if n:
+            out.append(faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy())
+    return np.sort(np.concatenate(out)) if out else np.empty(0, np.int64)
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = max(1, min(nprobe, ivf.nlist))
+    hnsw = faiss.downcast_index(index.index) if hasattr(index, "index") else None
+    if hnsw is not None and hasattr(hnsw, "hnsw"):
+        hnsw.hnsw.efSearch = max(hnsw.hnsw.efSearch, 4 * nprobe)
+
+
+def load_checked(store: Store, entry: dict) -> faiss.Index:
+    """Deserialise only after the bytes match the manifest's size and sha256."""
+    try:
+        data = store.read_bytes(entry["path"])
+    except FileNotFoundError as exc:
+        raise IndexIntegrityError(f"missing index file: {entry['path']}") from exc
+    if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
+        raise IndexIntegrityError(f"{entry['path']}: checksum differs from the manifest; refusing to load it")
+    return from_bytes(data)
+
+
+@dataclass
+class Recall:
+    k: int
+    recall: float
+    queries: int
+
+
+def recall_at_k(exact: faiss.Index, approx: faiss.Index, queries: np.ndarray, k: int = 10) -> Recall:
+    """Fraction of the exact top-k that the approximate index also returns in its top-k."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    _, truth = exact.search(q, k)
+    _, got = approx.search(q, k)
+    hits = sum(len(set(t[t >= 0]) & set(g[g >= 0])) for t, g in zip(truth, got))
+    return Recall(k, hits / max(1, (truth >= 0).sum()), len(q))

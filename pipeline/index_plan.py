@@ -1,0 +1,101 @@
+"""Propose a FAISS index for a corpus size, dimension and memory budget. Pure: no I/O, no faiss."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+ID_BYTES = 8  # int64 passage id per vector in IVF lists / IDMap
+
+
+@dataclass
+class IndexPlan:
+    factory: str
+    bytes_per_vector: float
+    total_bytes: float
+    train_vectors: int
+    build_seconds_cpu: float
+    build_seconds_gpu: float
+    fits: bool
+    arithmetic: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        lines = [f"proposed index: {self.factory}   ({'fits' if self.fits else 'DOES NOT FIT'} the budget)"]
+        lines += ["  " + a for a in self.arithmetic]
+        return "\n".join(lines)
+
+
+def _pow2_near(x: float) -> int:
+    return 2 ** max(4, int(round(math.log2(max(x, 16)))))
+
+
+def parse_bytes(text: str) -> int:
+    """'64GB' -> 64e9, '64GiB' -> 64 * 2**30, '512MB', plain integers as bytes."""
+    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9, "MB": 10**6,
+             "KB": 10**3, "B": 1}
+    s = text.strip().upper().replace(" ", "")
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            number = s[: -len(unit)]
+            break
+    else:
+        number, mult = s, 1
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"cannot read a size from {text!r}; use e.g. 64GB or 48GiB") from None
+    if value <= 0:
+        raise ValueError(f"memory budget must be positive, got {text!r}")
+    return int(value * mult)
+
+
+def plan_index(n: int, dim: int, memory_bytes: float, cpu_flops: float = 2e11, gpu_flops: float = 2e13) -> IndexPlan:
+    """The most accurate index whose memory fits: Flat, then IVF+SQ8, then IVF+PQ with fewer bytes.
+
+    Build time is FLOP arithmetic (k-means training, list assignment, encoding), an order of
+    magnitude, not a promise: it assumes `cpu_flops`/`gpu_flops` sustained.
+    """
+    if n < 1 or dim < 1:
+        raise ValueError("vectors and dim must be positive")
+    lines = [f"{n:,} vectors x {dim} dims, budget {memory_bytes / 1e9:,.1f} GB"]
+    flat = 4 * dim
+    lines.append(f"Flat (exact, fp32): {dim} x 4 B = {flat} B/vector -> {n * flat / 1e9:,.1f} GB")
+    if n * (flat + ID_BYTES) <= memory_bytes or n <= 20_000:
+        total = n * (flat + ID_BYTES)
+        lines.append(f"  + {ID_BYTES} B id = {total / 1e9:,.2f} GB: fits, exact search, no training")
+        search = n * dim * 2
+        lines.append(f"  search cost: {search / 1e9:,.2f} GFLOP per query (brute force)")
+        return IndexPlan("Flat", flat + ID_BYTES, total, 0, n * dim / cpu_flops, n * dim / gpu_flops,
+                         total <= memory_bytes, lines)
+    nlist = _pow2_near(4 * math.sqrt(n))
+    coarse = f"IVF{nlist}_HNSW32" if nlist >= 16384 else f"IVF{nlist}"
+    quantizer_bytes = nlist * dim * 4 + (nlist * 32 * 2 * 4 if nlist >= 16384 else 0)
+    train = min(n, 64 * nlist)
+    lines.append(f"IVF lists: nlist = 2^round(log2(4 sqrt(n))) = {nlist}; coarse quantizer {nlist} x {dim} x 4 B"
+                 f"{' + HNSW32 links' if nlist >= 16384 else ''} = {quantizer_bytes / 1e6:,.0f} MB; "
+                 f"train on 64 x nlist = {train:,} vectors")
+    candidates = [("SQ8", dim)] + [(f"PQ{m}", m) for m in (dim // 2, dim // 4, dim // 8, dim // 16, dim // 32)
+                                   if m >= 8 and dim % m == 0]
+    chosen = None
+    for code, code_bytes in candidates:
+        per = code_bytes + ID_BYTES
+        total = n * per + quantizer_bytes
+        lines.append(f"{coarse},{code}: {code_bytes} B code + {ID_BYTES} B id = {per} B/vector -> "
+                     f"{total / 1e9:,.2f} GB {'fits' if total <= memory_bytes else 'too big'}")
+        if total <= memory_bytes:
+            chosen = (code, per, total)
+            break
+    if chosen is None:
+        code, code_bytes = candidates[-1]
+        chosen = (code, code_bytes + ID_BYTES, n * (code_bytes + ID_BYTES) + quantizer_bytes)
+        lines.append("nothing fits: shard the index across machines or raise the budget")
+    code, per, total = chosen
+    kmeans = 20 * train * nlist * dim * 2
+    assign = n * nlist * dim * 2 if nlist < 16384 else n * dim * 2 * 32 * 2 * math.log2(nlist)
+    flops = kmeans + assign
+    lines.append(f"build: k-means 20 it x {train:,} x {nlist} x {dim} x 2 = {kmeans:.2e} FLOP; assignment "
+                 f"{assign:.2e} FLOP -> ~{flops / cpu_flops / 3600:,.1f} h CPU at {cpu_flops:.0e} FLOP/s, "
+                 f"~{flops / gpu_flops / 60:,.1f} min GPU at {gpu_flops:.0e} FLOP/s")
+    if code.startswith("PQ"):
+        lines.append("PQ recall is lower than SQ8: re-rank the top candidates with exact vectors if recall matters")
+    return IndexPlan(f"{coarse},{code}", per, total, train, flops / cpu_flops, flops / gpu_flops,
+                     total <= memory_bytes, lines)
