@@ -1,0 +1,272 @@
+"""Incremental reindexing: diff a new corpus against the newest version by content hash.
+
+Only new and changed passages are encoded; changed and deleted ones are tombstoned in the shards
+that hold their old rows, so the new version's live set equals the new corpus. Old versions keep
+their own manifests and stay readable until gc retires them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Diff:
+    new: np.ndarray        # ids only in the new corpus
+    changed: np.ndarray    # ids in both, content hash differs
+    deleted: np.ndarray    # ids only in the old version
+    unchanged: np.ndarray
+
+    def counts(self) -> dict[str, int]:
+        return {k: int(getattr(self, k).size) for k in ("new", "changed", "deleted", "unchanged")}
+
+    @property
+    def to_encode(self) -> np.ndarray:
+        return np.union1d(self.new, self.changed)
+
+    @property
+    def to_remove(self) -> np.ndarray:
+        return np.union1d(self.changed, self.deleted)
+
+
+def diff(old_ids: np.ndarray, old_hashes: list[bytes], new_ids: np.ndarray, new_hashes: list[bytes]) -> Diff:
+    """Pure: set algebra on ids, then a hash comparison on the common ones."""
+    old = dict(zip(old_ids.tolist(), old_hashes))
+    new = dict(zip(new_ids.tolist(), new_hashes))
+    common = old.keys() & new.keys()
+    changed = sorted(i for i in common if old[i] != new[i])
+    return Diff(new=np.array(sorted(new.keys() - old.keys()), dtype=np.int64),
+                changed=np.array(changed, dtype=np.int64),
+                deleted=np.array(sorted(old.keys() - new.keys()), dtype=np.int64),
+                unchanged=np.array(sorted(common - set(changed)), dtype=np.int64))
+
+
+# ---------------------------------------------------------------- orchestration
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+
+from pipeline.config import RunConfig, digest  # noqa: E402
+from pipeline.corpus import Corpus  # noqa: E402
+from storage import manifest as mf  # noqa: E402
+from storage.fs import Store, sha256_bytes  # noqa: E402
+from storage.shards import encode_parquet, read_rows  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+TOMBSTONE_SCHEMA = pa.schema([pa.field("shard", pa.string(), nullable=False), pa.field("id", pa.int64(), nullable=False)])
+
+
+class FingerprintMismatch(RuntimeError):
+    """The update's model/compressor/quantisation differs from the version it would extend."""
+
+
+def live_rows(store: Store, manifest: mf.Manifest, kind: str = "states") -> tuple[np.ndarray, list[bytes], list[str]]:
+    """(ids, content hashes, shard path) of every live row of `kind` in a version."""
+    dead = load_tombstones(store, manifest)
+    ids, hashes, where = [], [], []
+    cols = ["id", "content_hash"] if kind == "states" else ["id"]
+    for s in manifest.shards_of(kind):
+        t = read_rows(store, s["path"], columns=cols)
+        gone = dead.get(s["path"], set())
+        for i, pid in enumerate(t.column("id").to_pylist()):
+            if pid in gone:
+                continue
+            ids.append(pid)
+            where.append(s["path"])
+            if kind == "states":
+                hashes.append(t.column("content_hash")[i].as_py())
+    return np.asarray(ids, dtype=np.int64), hashes, where
+
+
+def load_tombstones(store: Store, manifest: mf.Manifest) -> dict[str, set[int]]:
+    entry = manifest.artifacts.get("tombstones")
+    if entry is None:
+        return {}
+    data = store.read_bytes(entry["path"])
+    if sha256_bytes(data) != entry["sha256"]:
+        from pipeline.reader import IntegrityError
+        raise IntegrityError(f"{entry['path']}: checksum differs from the manifest; refusing it")
+    t = pa.ipc.open_file(pa.BufferReader(data)).read_all() if data[:6] == b"ARROW1" else _parquet(data)
+    out: dict[str, set[int]] = {}
+    for shard, pid in zip(t.column("shard").to_pylist(), t.column("id").to_pylist()):
+        out.setdefault(shard, set()).add(pid)
+    return out
+
+
+def _parquet(data: bytes) -> pa.Table:
+    import pyarrow.parquet as pq
+    return pq.read_table(pa.BufferReader(data))
+
+
+def write_tombstones(store: Store, rel: str, dead: dict[str, set[int]]) -> dict:
+    shards = [s for s, ids in sorted(dead.items()) for _ in ids]
+    ids = [i for _, ids_ in sorted(dead.items()) for i in sorted(ids_)]
+    table = pa.Table.from_arrays([pa.array(shards, pa.string()), pa.array(ids, pa.int64())], schema=TOMBSTONE_SCHEMA)
+    data = encode_parquet(table, None, 65536, uncompressed_columns=())
+    store.write_bytes(rel, data)
+    return {"path": rel, "sha256": sha256_bytes(data), "bytes": len(data), "rows": len(ids)}
+
+
+def _comparable(fp: dict) -> dict:
+    return {k: v for k, v in fp.items() if k != "dpr"} | {"dpr": {k: v for k, v in (fp.get("dpr") or {}).items()}}
+
+
+@dataclass
+class UpdatePlan:
+    parent: int
+    diff: Diff
+    tokens_per_passage: float
+    encode_tokens_per_s: float | None
+    bytes_per_passage: float
+
+    def render(self) -> str:
+        c = self.diff.counts()
+        n = c["new"] + c["changed"]
+        tokens = n * self.tokens_per_passage
+        eta = f"{tokens / self.encode_tokens_per_s:,.0f} s of encoder time" if self.encode_tokens_per_s else "unknown"
+        delta = (c["new"] - c["deleted"]) * self.bytes_per_passage
+        return (f"update against version {self.parent}: new {c['new']}, changed {c['changed']}, deleted "
+                f"{c['deleted']}, unchanged {c['unchanged']}\n"
+                f"to encode: {n} passages (~{tokens:,.0f} tokens, ~{eta} at the last run's rate)\n"
+                f"live storage delta: {delta / 1e6:+,.2f} MB; written: {n * self.bytes_per_passage / 1e6:,.2f} MB "
+                f"of delta shards (superseded rows are tombstoned, reclaimed by `precompute compact` + gc)")
+
+
+def plan_update(store: Store, corpus: Corpus) -> tuple[mf.Manifest, "object", UpdatePlan]:
+    manifest = mf.load(store)
+    scan = corpus.scan()
+    old_ids, old_hashes, _ = live_rows(store, manifest)
+    d = diff(old_ids, old_hashes, scan.ids, scan.hashes)
+    counts = manifest.counts
+    tps = counts.get("tokens", 0) / max(counts.get("written", 1), 1)
+    rate = counts.get("tokens", 0) / counts["encode_seconds"] if counts.get("encode_seconds") else None
+    bpp = sum(s["bytes"] for s in manifest.shards) / max(counts.get("written", 1), 1)
+    return manifest, scan, UpdatePlan(manifest.version, d, tps, rate, bpp)
+
+
+@dataclass
+class UpdateSummary:
+    store: str
+    version: int
+    parent: int
+    counts: dict[str, int]
+    passages_encoded_this_run: int
+    shards_resumed: int
+    index_action: str
+    wall_seconds: float
+
+    def render(self) -> str:
+        c = self.counts
+        return (f"version {self.version} (parent {self.parent}) of {self.store}: new {c['new']}, changed {c['changed']}, "
+                f"deleted {c['deleted']}, unchanged {c['unchanged']}; encoded {self.passages_encoded_this_run} "
+                f"passages ({self.shards_resumed} delta shards reused); index: {self.index_action}; "
+                f"{self.wall_seconds:.1f} s")
+
+
+def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type | None = None) -> UpdateSummary:
+    """Encode only new and changed passages, tombstone the rest, commit one version on top of the newest."""
+    from pipeline import run as runner
+
+    t0 = time.perf_counter()
+    store = Store(cfg.store, cfg.storage_options)
+    corpus = Corpus(cfg.corpus, cfg.storage_options)
+    parent, scan, plan = plan_update(store, corpus)
+    comp = parent.artifacts["compressor"]
+    prep = runner.prepare(cfg, store, scan, (comp["path"], comp["sha256"], comp["bytes"]), run_dir=None)
+    want, have = _comparable(prep.fingerprint), _comparable(parent.fingerprint)
+    if want != have:
+        keys = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        raise FingerprintMismatch(
+            f"version {parent.version} was encoded with a different {', '.join(keys)} "
+            f"({', '.join(f'{k}: {have.get(k)!r} -> {want.get(k)!r}' for k in keys)}). Old and new states are never "
+            f"mixed in one version: run `precompute run` for a full recompute into a new version instead.")
+    d = plan.diff
+    run_id = digest({"fingerprint": prep.fingerprint, "parent": parent.version, "corpus": scan.digest,
+                     "shard_size": cfg.execution.shard_size})
+    ctx = runner.with_run_dir(prep.ctx, f"runs/update-{run_id}")
+    encode = set(d.to_encode.tolist())
+    n_delta = len(encode)
+    n_shards = math.ceil(n_delta / cfg.execution.shard_size) if n_delta else 0
+    markers, pending = runner.resume_markers(store, ctx.run_dir, n_shards)
+    log.info("update %s on version %d: %s; %d delta shards, %d already done", run_id, parent.version, d.counts(),
+             n_shards, n_shards - len(pending))
+    if pending:
+        runner.write_slices(store, corpus, scan, ctx.run_dir, cfg.execution, set(pending), keep_ids=encode)
+        markers.update(runner.encode_shards(ctx, pending, encode_stage))
+    ordered = [markers[k] for k in range(n_shards)]
+    delta_shards = runner.shard_entries(ordered)
+
+    # tombstones: the old rows of changed and deleted ids, in the shards that hold them
+    dead = load_tombstones(store, parent)
+    remove = set(d.to_remove.tolist())
+    for kind in ("states", "dpr"):
+        ids, _, where = live_rows(store, parent, kind) if parent.shards_of(kind) else (np.empty(0), [], [])
+        for pid, path in zip(ids.tolist(), where):
+            if pid in remove:
+                dead.setdefault(path, set()).add(pid)
+    artifacts = {"compressor": comp}
+    if dead:
+        artifacts["tombstones"] = write_tombstones(store, f"{ctx.run_dir}/tombstones.parquet", dead)
+    shards = list(parent.shards) + delta_shards
+    too_long = sum(m["skipped_too_long"] for m in ordered)
+    live = d.unchanged.size + n_delta - too_long
+    index_action = "none"
+    if "dpr_index" in parent.artifacts:
+        artifacts["dpr_index"], index_action = _update_index(cfg, store, ctx.run_dir, parent, d,
+                                                             [s for s in delta_shards if s["kind"] == "dpr"],
+                                                             shards, dead, rebuild_fraction)
+    counts = {"passages_in": scan.counts.rows_read, "accepted": scan.counts.accepted, "written": int(live),
+              "tokens": parent.counts.get("tokens", 0) + sum(m["tokens"] for m in ordered),
+              "encode_seconds": sum(m["encode_seconds"] for m in ordered) or parent.counts.get("encode_seconds", 0),
+              "raw_code_bytes": parent.counts.get("raw_code_bytes", 0) + sum(m["raw_code_bytes"] for m in ordered),
+              "skipped": {k.removeprefix("skipped_"): v for k, v in scan.counts.to_dict().items()
+                          if k.startswith("skipped_")} | {"too_long": too_long},
+              "update": d.counts(), "encoded_this_version": n_delta}
+    extra = {**parent.extra, "corpus_digest": scan.digest, "update_of": parent.version}
+    manifest = mf.commit(store, parent.version, run_id=f"update-{run_id}", fingerprint=parent.fingerprint,
+                         shards=shards, artifacts=artifacts, counts=counts, extra=extra)
+    return UpdateSummary(store=store.display_url, version=manifest.version, parent=parent.version, counts=d.counts(),
+                         passages_encoded_this_run=sum(markers[k]["passages_in"] for k in pending),
+                         shards_resumed=n_shards - len(pending), index_action=index_action,
+                         wall_seconds=time.perf_counter() - t0)
+
+
+def _update_index(cfg, store: Store, run_dir: str, parent: mf.Manifest, d: Diff, delta_dpr: list[dict],
+                  all_shards: list[dict], dead: dict[str, set[int]], rebuild_fraction: float) -> tuple[dict, str]:
+    """Remove changed/deleted ids and add the delta; rebuild from scratch past `rebuild_fraction`."""
+    from pipeline import index as fx
+    from pipeline.run import _read_embeddings
+
+    entry = parent.artifacts["dpr_index"]
+    touched = d.changed.size + d.new.size + d.deleted.size
+    base = max(d.unchanged.size + d.changed.size + d.deleted.size, 1)
+    rebuild = touched / base > rebuild_fraction
+    if rebuild:
+        vecs, ids = [], []
+        for s in (x for x in all_shards if x["kind"] == "dpr"):
+            i, v = _read_embeddings(cfg.store, cfg.storage_options, s["path"])
+            keep = ~np.isin(i, list(dead.get(s["path"], set())))
+            ids.append(i[keep]), vecs.append(v[keep])
+        ids, vecs = np.concatenate(ids), np.concatenate(vecs)
+        index = fx.train(fx.new_index(entry["factory"], entry["dim"]), vecs[: cfg.dpr.train_sample if cfg.dpr else 100_000])
+        index.add_with_ids(vecs, ids)
+        action = f"rebuilt and retrained ({touched}/{base} = {touched / base:.1%} changed > {rebuild_fraction:.0%})"
+    else:
+        index = fx.load_checked(store, entry)
+        if d.to_remove.size:
+            index.remove_ids(np.ascontiguousarray(d.to_remove, dtype=np.int64))
+        for s in delta_dpr:
+            i, v = _read_embeddings(cfg.store, cfg.storage_options, s["path"])
+            index.add_with_ids(v, i)
+        action = f"updated in place: removed {d.to_remove.size}, added {sum(s['rows'] for s in delta_dpr)}"
+    data = fx.to_bytes(index)
+    rel = f"{run_dir}/index/dpr.faiss"
+    store.write_bytes(rel, data)
+    log.info("index %s", action)
+    return {**entry, "path": rel, "sha256": sha256_bytes(data), "bytes": len(data), "ntotal": int(index.ntotal)}, action

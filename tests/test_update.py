@@ -1,0 +1,151 @@
+"""Incremental reindexing on the 2,333-passage sample (tiny model: logic, not statistics)."""
+import os
+import sys
+
+import cloudpickle
+import numpy as np
+import pytest
+
+from jobs.cli import main as cli
+from pipeline.config import CompressionConfig, CorpusConfig, DprConfig, ExecutionConfig, ModelConfig, RunConfig
+from pipeline.reader import StateReader
+from pipeline.run import run
+from pipeline.search import Searcher
+from pipeline.stages import EncodeStage, from_envelope
+from pipeline.update import FingerprintMismatch, diff, run_update
+from storage import manifest as mf
+from storage.fs import Store
+from tests.conftest import first_passages, write_tsv
+
+pytestmark = pytest.mark.ray
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def test_diff_is_set_algebra_on_ids_and_hashes():
+    d = diff(np.array([1, 2, 3, 4]), [b"a", b"b", b"c", b"d"], np.array([2, 3, 4, 5]), [b"b", b"X", b"d", b"e"])
+    assert d.counts() == {"new": 1, "changed": 1, "deleted": 1, "unchanged": 2}
+    assert d.to_encode.tolist() == [3, 5] and d.to_remove.tolist() == [1, 3]
+
+
+def _corpora(tmp_path):
+    rows = first_passages(2333)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(rows))
+    changed = set(rows[i][0] for i in order[:23])          # 1%
+    deleted = set(rows[i][0] for i in order[23:35])        # 0.5%
+    new_rows = [(100_000 + k, f"A new passage number {k} about the history of rowing boats .", "New") for k in range(23)]
+    a = write_tsv(tmp_path / "a.tsv", [(pid, text, title) for pid, text, title in rows])
+    b_rows = [(pid, (text + " Revised .") if pid in changed else text, title)
+              for pid, text, title in rows if pid not in deleted] + new_rows
+    b = write_tsv(tmp_path / "b.tsv", b_rows)
+    return a, b, changed, deleted, {r[0] for r in new_rows}
+
+
+def _cfg(store, corpus, tiny_model, compressor=None, layers=2):
+    return RunConfig(store=str(store), corpus=CorpusConfig(url=str(corpus)), model=ModelConfig(name=tiny_model, layers=layers),
+                     compression=CompressionConfig(dims=8, fit_sample=64, compressor=compressor),
+                     execution=ExecutionConfig(shard_size=500),
+                     dpr=DprConfig(model=tiny_model, pooling="mean", index_factory="Flat"))
+
+
+class FailingEncodeStage(EncodeStage):
+    def __call__(self, batch):
+        for shard, _ in from_envelope(batch):
+            if shard == 0:
+                raise RuntimeError("injected failure in the middle of an update")
+        return super().__call__(batch)
+
+
+@pytest.fixture(scope="module")
+def updated(ray_local, tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("upd")
+    a, b, changed, deleted, new = _corpora(tmp)
+    base = _cfg(tmp / "store", a, tiny_model)
+    run(base)
+    store = Store(str(tmp / "store"))
+    comp = mf.load(store).artifacts["compressor"]["path"]
+    compressor_file = str(tmp / "store" / comp)
+    upd_cfg = _cfg(tmp / "store", b, tiny_model)
+    # a first attempt dies mid-way: the previous version stays intact and readable
+    with pytest.raises(Exception):
+        run_update(upd_cfg, encode_stage=FailingEncodeStage)
+    assert mf.latest_version(store) == 1
+    assert len(StateReader(store).get([1, 2])) == 2
+    summary = run_update(upd_cfg)
+    rebuild = _cfg(tmp / "rebuild", b, tiny_model, compressor=compressor_file)
+    run(rebuild)
+    return dict(tmp=tmp, store=store, rebuild=Store(str(tmp / "rebuild")), summary=summary, changed=changed,
+                deleted=deleted, new=new, b=b, tiny_model=tiny_model, compressor_file=compressor_file)
+
+
+def test_only_changed_and_new_passages_are_encoded(updated):
+    s = updated["summary"]
+    assert s.counts == {"new": 23, "changed": 23, "deleted": 12, "unchanged": 2333 - 35}
+    assert s.passages_encoded_this_run == 46 and s.version == 2 and s.parent == 1
+    m = mf.load(updated["store"])
+    assert m.counts["encoded_this_version"] == 46 and m.counts["written"] == 2333 - 12 + 23
+
+
+def test_new_version_equals_a_full_rebuild(updated):
+    store, rebuild = updated["store"], updated["rebuild"]
+    r_new, r_full = StateReader(store), StateReader(rebuild)
+    assert np.array_equal(r_new.ids(), r_full.ids())
+    probe = sorted(updated["changed"])[:10] + sorted(updated["new"])[:5] + [1, 2, 3]
+    a, b = r_new.get(probe), r_full.get(probe)
+    assert sorted(a) == sorted(b) == sorted(probe)
+    for pid in probe:
+        assert np.array_equal(a[pid].token_ids, b[pid].token_ids)
+        err = np.linalg.norm(a[pid].states - b[pid].states) / np.linalg.norm(b[pid].states)
+        assert err < 1e-3, (pid, err)
+    assert not r_new.get(sorted(updated["deleted"]))  # deleted ids are gone from the new version
+    questions = [t.split(" . ")[0] for _, t, _ in first_passages(40)[::2]] + ["rowing boats"]
+    s_new, s_full = Searcher(store), Searcher(rebuild)
+    for h1, h2 in zip(s_new.search(questions, 10), s_full.search(questions, 10)):
+        assert [h.id for h in h1] == [h.id for h in h2]
+    assert mf.verify(store, mf.load(store)).ok
+
+
+def test_old_version_stays_readable(updated):
+    store = updated["store"]
+    old = StateReader(store, version=1)
+    gone = sorted(updated["deleted"])[:3]
+    assert sorted(old.get(gone)) == gone
+    assert len(old.ids()) == 2333
+
+
+def test_fingerprint_change_is_refused_without_a_mixed_version(updated):
+    store = updated["store"]
+    before = mf.list_versions(store)
+    with pytest.raises(FingerprintMismatch, match="layers"):
+        run_update(_cfg(updated["tmp"] / "store", updated["b"], updated["tiny_model"], layers=3))
+    assert mf.list_versions(store) == before
+
+
+def test_dry_run_counts_and_writes_nothing(updated, capsys):
+    store = updated["store"]
+    files = {f.path for f in store.walk_files()}
+    assert cli(["update", "--store", store.url, "--corpus", str(updated["b"]), "--model", updated["tiny_model"],
+                "--layers", "2", "--dims", "8", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "new 0, changed 0, deleted 0, unchanged 2344" in out
+    assert {f.path for f in store.walk_files()} == files
+
+
+def test_compact_keeps_content_and_drops_shard_count(updated):
+    from pipeline.compact import compact
+    store = updated["store"]
+    before = mf.load(store)
+    ids_before = StateReader(store).ids()
+    probe = [1, 500, 1200] + sorted(updated["changed"])[:3] + sorted(updated["new"])[:2]
+    states_before = StateReader(store).get(probe)
+    hits_before = [[h.id for h in hs] for hs in Searcher(store).search(["rowing boats", "Robert Boulter"], 10)]
+    m = compact(store, shard_size=1000)
+    after = mf.load(store)
+    assert len(after.shards_of("states")) < len(before.shards_of("states"))
+    assert "tombstones" not in after.artifacts
+    assert np.array_equal(StateReader(store).ids(), ids_before)
+    states_after = StateReader(store).get(probe)
+    for pid in probe:
+        assert np.array_equal(states_after[pid].states, states_before[pid].states)
+    assert [[h.id for h in hs] for hs in Searcher(store).search(["rowing boats", "Robert Boulter"], 10)] == hits_before
+    assert mf.verify(store, after).ok and m.version == after.version
