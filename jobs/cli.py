@@ -463,6 +463,61 @@ def cmd_search(a) -> int:
     return 0
 
 
+def _update_config(a) -> RunConfig:
+    """The parent version's recorded config, with the new corpus and any flags the user overrides."""
+    import copy
+
+    from pipeline.config import run_config_from_dict
+    from storage import manifest as mf
+    from storage.fs import Store
+
+    opts = _storage_options(a.storage_options)
+    parent = mf.load(Store(a.store, opts))
+    body = copy.deepcopy(parent.extra.get("config") or {})
+    if not body:
+        raise ConfigError(f"version {parent.version} records no config; pass the run's flags explicitly")
+    body["store"] = a.store
+    body["storage_options"] = opts
+    body["corpus"]["url"] = a.corpus
+    body["compression"]["compressor"] = None  # an update always reuses the parent's compressor artifact
+    body["execution"]["ray_address"] = a.address or None
+    for section, key, value in (("model", "name", a.model), ("model", "layers", a.layers),
+                                ("compression", "dims", a.dims), ("compression", "quantize", a.quantize),
+                                ("compression", "bits", a.bits), ("execution", "shard_size", a.shard_size),
+                                ("corpus", "format", a.format), ("corpus", "on_duplicate", a.on_duplicate)):
+        if value is not None:
+            body[section][key] = value
+    return run_config_from_dict(body)
+
+
+def cmd_update(a) -> int:
+    from pipeline.corpus import Corpus
+    from pipeline.update import plan_update, run_update
+    from storage.fs import Store
+
+    cfg = _update_config(a)
+    if a.dry_run:
+        _, _, plan = plan_update(Store(cfg.store, cfg.storage_options), Corpus(cfg.corpus, cfg.storage_options))
+        print(plan.render())
+        return 0
+    summary = run_update(cfg, rebuild_fraction=a.rebuild_fraction)
+    print(summary.render())
+    return 0
+
+
+def cmd_compact(a) -> int:
+    from pipeline.compact import compact
+    from storage import manifest as mf
+    from storage.fs import Store
+
+    store = Store(a.store, _storage_options(a.storage_options))
+    before = mf.load(store)
+    m = compact(store, a.shard_size)
+    print(f"version {m.version}: {len(before.shards)} shards of version {before.version} rewritten as {len(m.shards)}; "
+          f"old files stay until `precompute gc --keep-last K` retires version {before.version}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -609,6 +664,31 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=cmd_search)
+
+    up = sub.add_parser("update", help="incremental reindex: encode only new/changed passages, tombstone the rest",
+                        description="Diff --corpus against the newest version by content hash, encode only new and "
+                        "changed passages, tombstone changed and deleted ones, update the FAISS index, and commit one "
+                        "version. Settings default to the ones the newest version recorded.")
+    _add_store(up)
+    up.add_argument("--corpus", required=True)
+    up.add_argument("--format", default=None, choices=["auto", "tsv", "jsonl", "parquet", "hf"])
+    up.add_argument("--on-duplicate", default=None, choices=["error", "keep-first"])
+    up.add_argument("--dry-run", action="store_true", help="print counts, encode time and storage delta; do nothing")
+    up.add_argument("--rebuild-fraction", type=float, default=0.2,
+                    help="rebuild and retrain the index when more than this share of passages changed (default 0.2)")
+    up.add_argument("--model", default=None, help="override (a different fingerprint is refused)")
+    up.add_argument("--layers", type=int, default=None)
+    up.add_argument("--dims", type=int, default=None)
+    up.add_argument("--quantize", default=None, choices=["int8", "none"])
+    up.add_argument("--bits", type=float, default=None)
+    up.add_argument("--shard-size", type=int, default=None)
+    up.add_argument("--address", default=None)
+    up.set_defaults(func=cmd_update)
+
+    co = sub.add_parser("compact", help="rewrite live rows into fewer full-size shards as a new version")
+    _add_store(co)
+    co.add_argument("--shard-size", type=int, default=10_000)
+    co.set_defaults(func=cmd_compact)
     return p
 
 
@@ -623,14 +703,17 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.index import IndexIntegrityError
     from pipeline.reader import IntegrityError
     from pipeline.search import NoIndex
+    from pipeline.update import FingerprintMismatch
     from storage.manifest import CommitConflict, ManifestError, NoVersion
+    from storage.tombstones import TombstoneError
 
     try:
         return args.func(args)
     except (ConfigError, CorpusError, CompressorError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
-    except (NoVersion, ManifestError, IntegrityError, CommitConflict, IndexIntegrityError, NoIndex) as exc:
+    except (NoVersion, ManifestError, IntegrityError, CommitConflict, IndexIntegrityError, NoIndex,
+            TombstoneError, FingerprintMismatch) as exc:
         log.error("%s", exc)
         return EXIT_FAILED
 

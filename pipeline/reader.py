@@ -15,6 +15,7 @@ from pipeline.pack import Packer
 from pipeline.quantize import dequantize
 from storage import manifest as mf
 from storage.fs import Store, sha256_bytes
+from storage import tombstones
 from storage.shards import read_rows
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class StateReader:
         self.packer = Packer()
         self._checked: set[str] = set()
         self._shards = self.manifest.shards_of("states")
+        self._dead = tombstones.load(store, self.manifest.artifacts.get("tombstones"))
         self._lo = np.array([s["id_min"] for s in self._shards], dtype=np.int64)
         self._hi = np.array([s["id_max"] for s in self._shards], dtype=np.int64)
 
@@ -77,7 +79,11 @@ class StateReader:
         self._checked.add(path)
 
     def ids(self) -> np.ndarray:
-        parts = [read_rows(self.store, s["path"], columns=["id"]).column("id").to_numpy() for s in self._shards]
+        parts = []
+        for s in self._shards:
+            ids = read_rows(self.store, s["path"], columns=["id"]).column("id").to_numpy()
+            dead = self._dead.get(s["path"])
+            parts.append(ids[~np.isin(ids, list(dead))] if dead else ids)
         return np.sort(np.concatenate(parts)) if parts else np.empty(0, np.int64)
 
     def get(self, passage_ids) -> dict[int, PassageStates]:
@@ -91,8 +97,10 @@ class StateReader:
             self._check_shard(shard)
             table = read_rows(self.store, shard["path"], mine,
                               columns=["id", "n_tokens", "token_ids", "scales", "codes"])
+            dead = self._dead.get(shard["path"], ())
             for row in table.to_pylist():
-                found[row["id"]] = self._decode(row)
+                if row["id"] not in dead:
+                    found[row["id"]] = self._decode(row)
         return found
 
     def _decode(self, row: dict) -> PassageStates:

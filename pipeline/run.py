@@ -143,6 +143,85 @@ def _fit_task(model, titles, texts, dims, max_length, device, token_budget, ids)
     return comp.to_bytes()
 
 
+@dataclass
+class Prepared:
+    ctx: StageContext
+    fingerprint: dict[str, Any]
+    max_length: int
+
+
+def prepare(cfg: RunConfig, store: Store, scan: CorpusScan, compressor: tuple[str, str, int],
+            run_dir: str | None) -> Prepared:
+    """Fingerprint (model, compressor, quantisation, DPR) and the context every worker gets."""
+    max_length = model_max_length(cfg.model)
+    revision = model_revision(cfg.model)
+    comp_rel, comp_sha, _ = compressor
+    fp = fingerprint(cfg.model, revision, cfg.compression, comp_sha, max_length, SCHEMA_VERSION)
+    shares = True
+    if cfg.dpr is not None:
+        from pipeline.dpr import resolve_normalize, resolve_pooling, same_vocabulary
+        dpr_model = ModelConfig(name=cfg.dpr.model, revision=cfg.dpr.revision)
+        fp["dpr"] = {"model": cfg.dpr.model, "revision": model_revision(dpr_model),
+                     "pooling": resolve_pooling(cfg.dpr.model, cfg.dpr.pooling), "dtype": cfg.dpr.dtype,
+                     "normalize": resolve_normalize(cfg.dpr.model, cfg.dpr.normalize),
+                     "question_model": cfg.dpr.question}
+        shares = same_vocabulary(cfg.model.name, cfg.dpr.model)
+        log.info("DPR pass: %s (%s pooling), %s", cfg.dpr.model, fp["dpr"]["pooling"],
+                 "sharing the input component's token ids" if shares else "own tokenizer")
+    ctx = StageContext(store_url=cfg.store, run_dir=run_dir or "", model=cfg.model, compression=cfg.compression,
+                       execution=cfg.execution, max_length=max_length, compressor_path=comp_rel,
+                       compressor_sha256=comp_sha, fingerprint=fp, dpr=cfg.dpr, dpr_shares_tokens=shares,
+                       storage_options=cfg.storage_options)
+    return Prepared(ctx, fp, max_length)
+
+
+def with_run_dir(ctx: StageContext, run_dir: str) -> StageContext:
+    import dataclasses
+    return dataclasses.replace(ctx, run_dir=run_dir)
+
+
+def resume_markers(store: Store, run_dir: str, n_shards: int) -> tuple[dict[int, dict], list[int]]:
+    """Markers of shards an earlier attempt finished (checksums verified), and the shards still to do."""
+    markers = {k: m for k in range(n_shards) if (m := read_marker(store, run_dir, k)) is not None}
+    return markers, [k for k in range(n_shards) if k not in markers]
+
+
+def write_slices(store: Store, corpus: Corpus, scan: CorpusScan, run_dir: str, execution, todo: set[int],
+                 keep_ids: set[int] | None = None) -> None:
+    """Deterministic input slices: shard k holds accepted rows [k*S, (k+1)*S) (of `keep_ids` only, if given)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    log.info("writing %d input slices", len(todo))
+    size = execution.shard_size
+
+    def chunks():
+        if keep_ids is None:
+            yield from corpus.batches(scan, size)
+            return
+        wanted = pa.array(sorted(keep_ids), pa.int64())
+        buf = None
+        for table in corpus.batches(scan, 4096):
+            table = table.filter(pc.is_in(table.column("id"), value_set=wanted))
+            buf = table if buf is None else pa.concat_tables([buf, table])
+            while buf.num_rows >= size:
+                yield buf.slice(0, size)
+                buf = buf.slice(size)
+        if buf is not None and buf.num_rows:
+            yield buf
+
+    for k, table in enumerate(chunks()):
+        if k in todo:
+            write_shard(store, input_path(run_dir, k), table, None, execution.row_group_size)
+
+
+def shard_entries(ordered: list[dict]) -> list[dict]:
+    keys = ("path", "kind", "rows", "bytes", "sha256", "id_min", "id_max")
+    shards = [{k: m[k] for k in keys} for m in ordered]
+    shards += [{**{k: m["dpr"][k] for k in keys if k != "kind"}, "kind": "dpr"} for m in ordered if m.get("dpr")]
+    return shards
+
+
 def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
     """Encode and commit. `encode_stage` exists so tests can inject a worker that dies mid-run."""
     t_start = time.perf_counter()
@@ -150,54 +229,34 @@ def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
     corpus = Corpus(cfg.corpus, cfg.storage_options)
     log.info("pass 1/2: validating corpus %s", corpus.display_url)
     scan = corpus.scan()
-    max_length = model_max_length(cfg.model)
-    revision = model_revision(cfg.model)
     init_ray(cfg.execution.ray_address)
-
-    comp_rel, comp_sha, comp_bytes = _obtain_compressor(cfg, store, corpus, scan, revision, max_length)
-    fp = fingerprint(cfg.model, revision, cfg.compression, comp_sha, max_length, SCHEMA_VERSION)
-    shares = True
-    if cfg.dpr is not None:
-        from pipeline.dpr import resolve_normalize, resolve_pooling, same_vocabulary
-        from pipeline.encoder import model_revision as _rev
-        dpr_model = ModelConfig(name=cfg.dpr.model, revision=cfg.dpr.revision)
-        fp["dpr"] = {"model": cfg.dpr.model, "revision": _rev(dpr_model),
-                     "pooling": resolve_pooling(cfg.dpr.model, cfg.dpr.pooling), "dtype": cfg.dpr.dtype,
-                     "normalize": resolve_normalize(cfg.dpr.model, cfg.dpr.normalize),
-                     "question_model": cfg.dpr.question}
-        shares = same_vocabulary(cfg.model.name, cfg.dpr.model)
-        log.info("DPR pass: %s (%s pooling), %s", cfg.dpr.model, fp["dpr"]["pooling"],
-                 "sharing the input component's token ids" if shares else "own tokenizer")
+    max_length = model_max_length(cfg.model)
+    compressor = _obtain_compressor(cfg, store, corpus, scan, model_revision(cfg.model), max_length)
+    prep = prepare(cfg, store, scan, compressor, None)
     policy = {"on_too_long": cfg.model.on_too_long, "shard_size": cfg.execution.shard_size}
-    run_id = digest({"fingerprint": fp, "corpus": scan.digest, "policy": policy})
-    run_dir = f"runs/{run_id}"
-    ctx = StageContext(store_url=cfg.store, run_dir=run_dir, model=cfg.model, compression=cfg.compression,
-                       execution=cfg.execution, max_length=max_length, compressor_path=comp_rel,
-                       compressor_sha256=comp_sha, fingerprint=fp, dpr=cfg.dpr, dpr_shares_tokens=shares,
-                       storage_options=cfg.storage_options)
+    run_id = digest({"fingerprint": prep.fingerprint, "corpus": scan.digest, "policy": policy})
+    ctx = with_run_dir(prep.ctx, f"runs/{run_id}")
 
     n_shards = math.ceil(scan.n / cfg.execution.shard_size)
-    markers = {k: m for k in range(n_shards) if (m := read_marker(store, run_dir, k)) is not None}
-    pending = [k for k in range(n_shards) if k not in markers]
+    markers, pending = resume_markers(store, ctx.run_dir, n_shards)
     log.info("run %s: %d passages in %d shards; %d already done, %d to encode", run_id, scan.n, n_shards,
-             len(markers), len(pending))
-
+             n_shards - len(pending), len(pending))
     if pending:
-        log.info("pass 2/2: writing %d input slices", len(pending))
-        todo = set(pending)
-        for k, table in enumerate(corpus.batches(scan, cfg.execution.shard_size)):
-            if k in todo:
-                write_shard(store, input_path(run_dir, k), table, None, cfg.execution.row_group_size)
-        markers.update(_encode_shards(ctx, pending, encode_stage))
+        log.info("pass 2/2")
+        write_slices(store, corpus, scan, ctx.run_dir, cfg.execution, set(pending))
+        markers.update(encode_shards(ctx, pending, encode_stage))
 
     encoded_now = sum(markers[k]["passages_in"] for k in pending)
+    comp_rel, comp_sha, comp_bytes = compressor
     return _commit(cfg, store, scan, ctx, run_id, markers, n_shards, comp_rel, comp_sha, comp_bytes, t_start,
                    encoded_now, n_shards - len(pending))
 
 
-def _encode_shards(ctx: StageContext, pending: list[int], encode_stage: type) -> dict[int, dict]:
+def encode_shards(ctx: StageContext, pending: list[int], encode_stage: type | None = None) -> dict[int, dict]:
     import ray
 
+    init_ray(ctx.execution.ray_address)
+    encode_stage = encode_stage or EncodeStage
     ex = ctx.execution
     gpus = cluster_gpus() if ex.device != "cpu" else 0
     n_enc = ex.num_encoders or max(1, gpus)
@@ -227,9 +286,7 @@ def _encode_shards(ctx: StageContext, pending: list[int], encode_stage: type) ->
 def _commit(cfg, store, scan, ctx, run_id, markers, n_shards, comp_rel, comp_sha, comp_bytes, t_start,
             encoded_now, resumed) -> RunSummary:
     ordered = [markers[k] for k in range(n_shards)]
-    keys = ("path", "kind", "rows", "bytes", "sha256", "id_min", "id_max")
-    shards = [{k: m[k] for k in keys} for m in ordered]
-    shards += [{**{k: m["dpr"][k] for k in keys if k != "kind"}, "kind": "dpr"} for m in ordered if m.get("dpr")]
+    shards = shard_entries(ordered)
     too_long = sum(m["skipped_too_long"] for m in ordered)
     written = sum(m["rows"] for m in ordered)
     if written != scan.n - too_long:
@@ -238,7 +295,8 @@ def _commit(cfg, store, scan, ctx, run_id, markers, n_shards, comp_rel, comp_sha
     skipped["too_long"] = too_long
     counts = {"passages_in": scan.counts.rows_read, "accepted": scan.counts.accepted, "written": written,
               "skipped": skipped, "truncated": sum(m["truncated"] for m in ordered),
-              "tokens": sum(m["tokens"] for m in ordered), "raw_code_bytes": sum(m["raw_code_bytes"] for m in ordered)}
+              "tokens": sum(m["tokens"] for m in ordered), "raw_code_bytes": sum(m["raw_code_bytes"] for m in ordered),
+              "encode_seconds": sum(m["encode_seconds"] for m in ordered)}
     artifacts = {"compressor": {"path": comp_rel, "sha256": comp_sha, "bytes": comp_bytes}}
     if cfg.dpr is not None:
         artifacts["dpr_index"] = build_index(cfg, store, ctx.run_dir, [s for s in shards if s["kind"] == "dpr"])

@@ -11,6 +11,7 @@ from pipeline.encoder import pick_device
 from pipeline.reader import PassageStates, StateReader
 from storage import manifest as mf
 from storage.fs import Store
+from storage import tombstones
 from storage.shards import read_rows
 
 
@@ -41,6 +42,7 @@ class Searcher:
         if self.encoder.dim != entry["dim"]:
             raise ValueError(f"question encoder gives {self.encoder.dim} dims, index holds {entry['dim']}")
         self._dpr_shards = self.manifest.shards_of("dpr")
+        self._dead = tombstones.load(store, self.manifest.artifacts.get("tombstones"))
         self._reader: StateReader | None = None
 
     def titles(self, ids: list[int]) -> dict[int, str]:
@@ -50,7 +52,9 @@ class Searcher:
             mine = wanted[(wanted >= s["id_min"]) & (wanted <= s["id_max"])]
             if mine.size:
                 t = read_rows(self.store, s["path"], mine, columns=["id", "title"])
-                out.update(zip(t.column("id").to_pylist(), t.column("title").to_pylist()))
+                dead = self._dead.get(s["path"], ())
+                out.update((i, title) for i, title in zip(t.column("id").to_pylist(), t.column("title").to_pylist())
+                           if i not in dead)
         return out
 
     def search(self, questions: list[str], k: int = 10, with_states: bool = False) -> list[list[Hit]]:

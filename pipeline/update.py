@@ -49,18 +49,14 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 
-import pyarrow as pa  # noqa: E402
-
 from pipeline.config import RunConfig, digest  # noqa: E402
 from pipeline.corpus import Corpus  # noqa: E402
 from storage import manifest as mf  # noqa: E402
 from storage.fs import Store, sha256_bytes  # noqa: E402
-from storage.shards import encode_parquet, read_rows  # noqa: E402
+from storage import tombstones  # noqa: E402
+from storage.shards import read_rows  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-TOMBSTONE_SCHEMA = pa.schema([pa.field("shard", pa.string(), nullable=False), pa.field("id", pa.int64(), nullable=False)])
-
 
 class FingerprintMismatch(RuntimeError):
     """The update's model/compressor/quantisation differs from the version it would extend."""
@@ -85,32 +81,11 @@ def live_rows(store: Store, manifest: mf.Manifest, kind: str = "states") -> tupl
 
 
 def load_tombstones(store: Store, manifest: mf.Manifest) -> dict[str, set[int]]:
-    entry = manifest.artifacts.get("tombstones")
-    if entry is None:
-        return {}
-    data = store.read_bytes(entry["path"])
-    if sha256_bytes(data) != entry["sha256"]:
-        from pipeline.reader import IntegrityError
-        raise IntegrityError(f"{entry['path']}: checksum differs from the manifest; refusing it")
-    t = pa.ipc.open_file(pa.BufferReader(data)).read_all() if data[:6] == b"ARROW1" else _parquet(data)
-    out: dict[str, set[int]] = {}
-    for shard, pid in zip(t.column("shard").to_pylist(), t.column("id").to_pylist()):
-        out.setdefault(shard, set()).add(pid)
-    return out
-
-
-def _parquet(data: bytes) -> pa.Table:
-    import pyarrow.parquet as pq
-    return pq.read_table(pa.BufferReader(data))
+    return tombstones.load(store, manifest.artifacts.get("tombstones"))
 
 
 def write_tombstones(store: Store, rel: str, dead: dict[str, set[int]]) -> dict:
-    shards = [s for s, ids in sorted(dead.items()) for _ in ids]
-    ids = [i for _, ids_ in sorted(dead.items()) for i in sorted(ids_)]
-    table = pa.Table.from_arrays([pa.array(shards, pa.string()), pa.array(ids, pa.int64())], schema=TOMBSTONE_SCHEMA)
-    data = encode_parquet(table, None, 65536, uncompressed_columns=())
-    store.write_bytes(rel, data)
-    return {"path": rel, "sha256": sha256_bytes(data), "bytes": len(data), "rows": len(ids)}
+    return tombstones.write(store, rel, dead)
 
 
 def _comparable(fp: dict) -> dict:

@@ -196,6 +196,9 @@ def verify(store: Store, manifest: Manifest, check_ids: bool = True) -> VerifyRe
 
 
 def _check_ids(store: Store, manifest: Manifest, report: VerifyReport) -> None:
+    from storage import tombstones
+
+    dead = tombstones.load(store, manifest.artifacts.get("tombstones"))
     by_kind: dict[str, list[np.ndarray]] = {}
     for shard in manifest.shards:
         try:
@@ -208,8 +211,8 @@ def _check_ids(store: Store, manifest: Manifest, report: VerifyReport) -> None:
                                    f"manifest says {shard['rows']}")
         if ids.size and (ids.min() < shard["id_min"] or ids.max() > shard["id_max"]):
             report.problems.append(f"id range mismatch: {shard['path']}")
-        by_kind.setdefault(shard["kind"], []).append(ids)
-    tombstones = set(manifest.extra.get("tombstones_applied", []))
+        gone = dead.get(shard["path"])
+        by_kind.setdefault(shard["kind"], []).append(ids[~np.isin(ids, list(gone))] if gone else ids)
     for kind, parts in by_kind.items():
         ids = np.concatenate(parts) if parts else np.empty(0, np.int64)
         uniq, counts = np.unique(ids, return_counts=True)
@@ -220,7 +223,7 @@ def _check_ids(store: Store, manifest: Manifest, report: VerifyReport) -> None:
         if kind == "states":
             report.rows = int(ids.size)
             expected = manifest.counts.get("written")
-            if expected is not None and expected != ids.size and not tombstones:
+            if expected is not None and expected != ids.size:
                 report.problems.append(f"count mismatch: {ids.size} passages in shards, "
                                        f"manifest counts say {expected} written")
 

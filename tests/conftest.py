@@ -54,10 +54,13 @@ def ray_local():
 
 
 def write_tsv(path: Path, rows: list[tuple], header: str = "id\ttext\ttitle") -> Path:
-    with open(path, "w", encoding="utf-8") as fh:
+    """DPR-style TSV: tab-separated, csv quoting where a field needs it (as psgs_w100.tsv)."""
+    import csv
+    with open(path, "w", encoding="utf-8", newline="") as fh:
         fh.write(header + "\n")
+        w = csv.writer(fh, delimiter="\t", lineterminator="\n")
         for r in rows:
-            fh.write("\t".join(str(x) for x in r) + "\n")
+            w.writerow([str(x) for x in r])
     return path
 
 
