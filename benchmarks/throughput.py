@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
-from pipeline.compress import Compressor, PcaAccumulator
+from pipeline.compress import Compressor
 from pipeline.config import (BUNDLED_MODEL, CompressionConfig, CorpusConfig, ExecutionConfig, ModelConfig,
                              RunConfig, resolve_model)
 from pipeline.corpus import Corpus

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from storage.fs import Store, sha256_bytes
+from storage.fs import IntegrityError, Store
 
 log = logging.getLogger(__name__)
 
 
-class IndexIntegrityError(RuntimeError):
-    """The index file is missing or does not match the checksum the manifest recorded."""
+IndexIntegrityError = IntegrityError  # the index file is missing or does not match its checksum
 
 
 def gpu_count() -> int:
@@ -119,13 +118,7 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
 
 def load_checked(store: Store, entry: dict) -> faiss.Index:
     """Deserialise only after the bytes match the manifest's size and sha256."""
-    try:
-        data = store.read_bytes(entry["path"])
-    except FileNotFoundError as exc:
-        raise IndexIntegrityError(f"missing index file: {entry['path']}") from exc
-    if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
-        raise IndexIntegrityError(f"{entry['path']}: checksum differs from the manifest; refusing to load it")
-    return from_bytes(data)
+    return from_bytes(store.read_verified(entry))
 
 
 @dataclass

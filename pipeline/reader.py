@@ -14,15 +14,11 @@ from pipeline.compress import Compressor
 from pipeline.pack import Packer
 from pipeline.quantize import dequantize
 from storage import manifest as mf
-from storage.fs import Store, sha256_bytes
+from storage.fs import IntegrityError, Store  # noqa: F401  (IntegrityError re-exported)
 from storage import tombstones
 from storage.shards import read_rows
 
 log = logging.getLogger(__name__)
-
-
-class IntegrityError(RuntimeError):
-    """A file the manifest references is missing, truncated or altered."""
 
 
 @dataclass
@@ -44,7 +40,7 @@ class StateReader:
         art = self.manifest.artifacts.get("compressor")
         if art is None:
             raise IntegrityError(f"version {self.version} records no compressor artifact")
-        data = self._checked_bytes(art)
+        data = store.read_verified(art)
         self.compressor = Compressor.from_bytes(data, art["path"])
         fp = self.manifest.fingerprint
         self.dims, self.quantize = int(fp["dims"]), fp["quantize"]
@@ -54,15 +50,6 @@ class StateReader:
         self._dead = tombstones.load(store, self.manifest.artifacts.get("tombstones"))
         self._lo = np.array([s["id_min"] for s in self._shards], dtype=np.int64)
         self._hi = np.array([s["id_max"] for s in self._shards], dtype=np.int64)
-
-    def _checked_bytes(self, entry: dict) -> bytes:
-        try:
-            data = self.store.read_bytes(entry["path"])
-        except FileNotFoundError as exc:
-            raise IntegrityError(f"missing file: {entry['path']}") from exc
-        if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
-            raise IntegrityError(f"{entry['path']}: size or checksum differs from the manifest; refusing it")
-        return data
 
     def _check_shard(self, shard: dict) -> None:
         path = shard["path"]

@@ -295,12 +295,13 @@ def _commit(cfg, store, scan, ctx, run_id, markers, n_shards, comp_rel, comp_sha
     skipped["too_long"] = too_long
     counts = {"passages_in": scan.counts.rows_read, "accepted": scan.counts.accepted, "written": written,
               "skipped": skipped, "truncated": sum(m["truncated"] for m in ordered),
-              "tokens": sum(m["tokens"] for m in ordered), "raw_code_bytes": sum(m["raw_code_bytes"] for m in ordered),
-              "encode_seconds": sum(m["encode_seconds"] for m in ordered)}
+              "tokens": sum(m["tokens"] for m in ordered), "raw_code_bytes": sum(m["raw_code_bytes"] for m in ordered)}
     artifacts = {"compressor": {"path": comp_rel, "sha256": comp_sha, "bytes": comp_bytes}}
     if cfg.dpr is not None:
         artifacts["dpr_index"] = build_index(cfg, store, ctx.run_dir, [s for s in shards if s["kind"] == "dpr"])
-    extra = {"config": cfg.public_dict(), "corpus_digest": scan.digest}
+    # Timing is kept apart from counts: counts are content and must match across reruns.
+    extra = {"config": cfg.public_dict(), "corpus_digest": scan.digest,
+             "timing": {"encode_seconds": sum(m["encode_seconds"] for m in ordered), "tokens": counts["tokens"]}}
     if cfg.dpr is not None:
         extra["dpr"] = ctx.fingerprint["dpr"]
     latest = mf.latest_version(store)
@@ -357,10 +358,10 @@ def build_index(cfg: RunConfig, store: Store, run_dir: str, dpr_shards: list[dic
             log.info("reusing the FAISS index built by an earlier attempt: %s", rel)
             return entry
     t0 = time.perf_counter()
-    sample_ids, sample = [], []
+    sample = []
     have = 0
     for shard in dpr_shards:
-        ids, vecs = _read_embeddings(cfg.store, cfg.storage_options, shard["path"])
+        _, vecs = _read_embeddings(cfg.store, cfg.storage_options, shard["path"])
         sample.append(vecs)
         have += len(vecs)
         if have >= cfg.dpr.train_sample:

@@ -16,13 +16,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.compress import Compressor, CompressorError
+from pipeline.compress import Compressor
 from pipeline.config import CompressionConfig, DprConfig, ExecutionConfig, ModelConfig
 from pipeline.encoder import ShardEncoder, pick_device
 from pipeline.pack import Packer
 from pipeline.tokenize import PairTokenizer
-from storage.fs import Store, sha256_bytes
-from storage.shards import SCHEMA_VERSION, input_schema, read_rows, state_schema, write_shard
+from storage.fs import Store
+from storage.shards import SCHEMA_VERSION, read_rows, state_schema, write_shard
 
 ENVELOPE = pa.schema([pa.field("shard", pa.int32()), pa.field("payload", pa.large_binary())])
 
@@ -98,10 +98,7 @@ class StageContext:
 
 
 def load_compressor(store: Store, rel: str, sha256: str) -> Compressor:
-    data = store.read_bytes(rel)
-    if sha256_bytes(data) != sha256:
-        raise CompressorError(f"{rel}: checksum does not match the run's compressor; refusing to use it")
-    return Compressor.from_bytes(data, rel)
+    return Compressor.from_bytes(store.read_verified({"path": rel, "sha256": sha256}), rel)
 
 
 class TokenizeStage:

@@ -6,9 +6,19 @@ their own manifests and stay readable until gc retires them.
 """
 from __future__ import annotations
 
+import logging
+import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from pipeline.config import RunConfig, digest
+from pipeline.corpus import Corpus
+from storage import manifest as mf
+from storage.fs import Store, sha256_bytes
+from storage import tombstones
+from storage.shards import read_rows
 
 
 @dataclass
@@ -43,18 +53,6 @@ def diff(old_ids: np.ndarray, old_hashes: list[bytes], new_ids: np.ndarray, new_
 
 
 # ---------------------------------------------------------------- orchestration
-
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-
-from pipeline.config import RunConfig, digest  # noqa: E402
-from pipeline.corpus import Corpus  # noqa: E402
-from storage import manifest as mf  # noqa: E402
-from storage.fs import Store, sha256_bytes  # noqa: E402
-from storage import tombstones  # noqa: E402
-from storage.shards import read_rows  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +118,8 @@ def plan_update(store: Store, corpus: Corpus) -> tuple[mf.Manifest, "object", Up
     d = diff(old_ids, old_hashes, scan.ids, scan.hashes)
     counts = manifest.counts
     tps = counts.get("tokens", 0) / max(counts.get("written", 1), 1)
-    rate = counts.get("tokens", 0) / counts["encode_seconds"] if counts.get("encode_seconds") else None
+    timing = manifest.extra.get("timing") or {}
+    rate = timing["tokens"] / timing["encode_seconds"] if timing.get("encode_seconds") else None
     bpp = sum(s["bytes"] for s in manifest.shards) / max(counts.get("written", 1), 1)
     return manifest, scan, UpdatePlan(manifest.version, d, tps, rate, bpp)
 
@@ -198,12 +197,14 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
                                                              shards, dead, rebuild_fraction)
     counts = {"passages_in": scan.counts.rows_read, "accepted": scan.counts.accepted, "written": int(live),
               "tokens": parent.counts.get("tokens", 0) + sum(m["tokens"] for m in ordered),
-              "encode_seconds": sum(m["encode_seconds"] for m in ordered) or parent.counts.get("encode_seconds", 0),
               "raw_code_bytes": parent.counts.get("raw_code_bytes", 0) + sum(m["raw_code_bytes"] for m in ordered),
               "skipped": {k.removeprefix("skipped_"): v for k, v in scan.counts.to_dict().items()
                           if k.startswith("skipped_")} | {"too_long": too_long},
               "update": d.counts(), "encoded_this_version": n_delta}
     extra = {**parent.extra, "corpus_digest": scan.digest, "update_of": parent.version}
+    if ordered:
+        extra["timing"] = {"encode_seconds": sum(m["encode_seconds"] for m in ordered),
+                           "tokens": sum(m["tokens"] for m in ordered)}
     manifest = mf.commit(store, parent.version, run_id=f"update-{run_id}", fingerprint=parent.fingerprint,
                          shards=shards, artifacts=artifacts, counts=counts, extra=extra)
     return UpdateSummary(store=store.display_url, version=manifest.version, parent=parent.version, counts=d.counts(),

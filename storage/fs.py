@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 _HASH_CHUNK = 8 << 20
 
 
+class IntegrityError(RuntimeError):
+    """A file a manifest references is missing, truncated or altered; it is refused, never used."""
+
+
 class AlreadyExists(FileExistsError):
     """An exclusive create found the object already there (someone else committed first)."""
 
@@ -163,6 +167,16 @@ class Store:
 
     def remove(self, rel: str) -> None:
         self.fs.rm_file(self.full(rel))
+
+    def read_verified(self, entry: dict) -> bytes:
+        """The whole object at entry['path'], only if its size and sha256 match the entry."""
+        try:
+            data = self.read_bytes(entry["path"])
+        except FileNotFoundError as exc:
+            raise IntegrityError(f"missing file: {entry['path']}") from exc
+        if ("bytes" in entry and len(data) != entry["bytes"]) or sha256_bytes(data) != entry["sha256"]:
+            raise IntegrityError(f"{entry['path']}: size or checksum differs from the manifest; refusing it")
+        return data
 
     def sha256(self, rel: str) -> str:
         digest = hashlib.sha256()

@@ -8,25 +8,19 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.fs import Store, sha256_bytes
+from storage.fs import IntegrityError, Store, sha256_bytes
 from storage.shards import encode_parquet
 
 SCHEMA = pa.schema([pa.field("shard", pa.string(), nullable=False), pa.field("id", pa.int64(), nullable=False)])
 
 
-class TombstoneError(RuntimeError):
-    """The tombstone file is missing or does not match the manifest."""
+TombstoneError = IntegrityError  # the tombstone file is missing or does not match the manifest
 
 
 def load(store: Store, entry: dict | None) -> dict[str, set[int]]:
     if entry is None:
         return {}
-    try:
-        data = store.read_bytes(entry["path"])
-    except FileNotFoundError as exc:
-        raise TombstoneError(f"missing tombstone file: {entry['path']}") from exc
-    if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
-        raise TombstoneError(f"{entry['path']}: checksum differs from the manifest; refusing it")
+    data = store.read_verified(entry)
     table = pq.read_table(pa.BufferReader(data))
     out: dict[str, set[int]] = {}
     for shard, pid in zip(table.column("shard").to_pylist(), table.column("id").to_pylist()):

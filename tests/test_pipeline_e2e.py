@@ -123,7 +123,6 @@ def test_validate_measured_bytes_within_two_percent_of_the_estimate(sample_store
 
 
 def test_report_rate_distortion_on_real_weights(tmp_path, sample_tsv, capsys):
-    from pipeline.ratedistortion import RDPoint
     out = tmp_path / "rep"
     assert cli(["report", "--corpus", str(sample_tsv), "--layers", "3", "--dims", "96", "--bits", "5,8,16",
                 "--fit-sample", "120", "--sample", "30", "--out-dir", str(out)]) == 0

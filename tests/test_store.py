@@ -2,7 +2,6 @@
 import threading
 
 import boto3
-import numpy as np
 import pyarrow as pa
 import pytest
 from botocore.exceptions import ClientError

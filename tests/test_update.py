@@ -1,5 +1,4 @@
 """Incremental reindexing on the 2,333-passage sample (tiny model: logic, not statistics)."""
-import os
 import sys
 
 import cloudpickle
