@@ -329,7 +329,12 @@ def cmd_validate(a) -> int:
     store = Store(a.store, _storage_options(a.storage_options))
     m = mf.load(store, a.version)
     fp = measure(store, m)
-    v = validate(fp, m.fingerprint, a.target_passages, a.tolerance)
+    if a.target_passages < 1 or not 0 < a.tolerance < 1:
+        raise ConfigError("--target-passages must be positive and --tolerance in (0, 1)")
+    try:
+        v = validate(fp, m.fingerprint, a.target_passages, a.tolerance)
+    except ValueError as exc:
+        raise ConfigError(f"version {m.version}: {exc}") from exc
     if a.json:
         print(json.dumps({**v.__dict__, "ok": v.ok}, indent=1))
     else:
@@ -510,6 +515,8 @@ def cmd_compact(a) -> int:
     from storage import manifest as mf
     from storage.fs import Store
 
+    if a.shard_size < 1:
+        raise ConfigError("--shard-size must be at least 1")
     store = Store(a.store, _storage_options(a.storage_options))
     before = mf.load(store)
     m = compact(store, a.shard_size)
@@ -696,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "filelock", "httpx", "transformers"):
+    for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "filelock", "httpx", "transformers", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from pipeline.compress import CompressorError
     from pipeline.corpus import CorpusError

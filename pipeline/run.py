@@ -78,6 +78,31 @@ def init_ray(address: str | None) -> None:
     ctx.print_on_execution_start = False
 
 
+def _wait_for_free_resources(cpus: float, gpus: int, timeout_s: float = 180.0) -> None:
+    """Wait (bounded) while resources the cluster has are still held, e.g. by the actors of an
+    earlier failed dataset in this process. Never waits for resources the cluster lacks (an
+    autoscaling cluster adds those when the dataset asks)."""
+    import gc
+
+    import ray
+
+    total, deadline, said = ray.cluster_resources(), time.time() + timeout_s, False
+    if total.get("CPU", 0) < cpus or total.get("GPU", 0) < gpus:
+        return
+    while time.time() < deadline:
+        # Ray Data releases a pool's actors by reference counting; after a failure the references
+        # sit in traceback/frame cycles that only the cycle collector frees.
+        gc.collect()
+        free = ray.available_resources()
+        if free.get("CPU", 0) >= cpus and free.get("GPU", 0) >= gpus:
+            return
+        if not said:
+            log.info("waiting for %.1f CPU%s still held by an earlier dataset", cpus, f" + {gpus} GPU" if gpus else "")
+            said = True
+        time.sleep(1.0)
+    log.warning("resources still held after %.0f s; starting anyway", timeout_s)
+
+
 def cluster_gpus() -> int:
     import ray
     return int(ray.cluster_resources().get("GPU", 0))
@@ -260,6 +285,7 @@ def encode_shards(ctx: StageContext, pending: list[int], encode_stage: type | No
     ex = ctx.execution
     gpus = cluster_gpus() if ex.device != "cpu" else 0
     n_enc = ex.num_encoders or max(1, gpus)
+    _wait_for_free_resources(ex.encoder_cpus + 2 * ex.task_cpus, 1 if gpus else 0)
     ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(TokenizeStage, fn_constructor_kwargs={"ctx": ctx}, batch_size=1,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_enc),
@@ -271,12 +297,16 @@ def encode_shards(ctx: StageContext, pending: list[int], encode_stage: type | No
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_enc), num_cpus=ex.task_cpus)
     done: dict[int, dict] = {}
     t0 = time.perf_counter()
-    for row in ds.iter_rows():
-        marker = json.loads(row["marker"])
-        done[int(row["shard"])] = marker
-        elapsed = time.perf_counter() - t0
-        log.info("shard %d done: %d passages, %d tokens, %.2f MB (%d/%d shards, %.0f s)", marker["shard"],
-                 marker["rows"], marker["tokens"], marker["bytes"] / 1e6, len(done), len(pending), elapsed)
+    try:
+        for row in ds.iter_rows():
+            marker = json.loads(row["marker"])
+            done[int(row["shard"])] = marker
+            elapsed = time.perf_counter() - t0
+            log.info("shard %d done: %d passages, %d tokens, %.2f MB (%d/%d shards, %.0f s)", marker["shard"],
+                     marker["rows"], marker["tokens"], marker["bytes"] / 1e6, len(done), len(pending), elapsed)
+    except BaseException:
+        del ds  # see _wait_for_free_resources: a failed execution's actors die with their last reference
+        raise
     missing = sorted(set(pending) - set(done))
     if missing:
         raise RuntimeError(f"shards {missing} produced no output; rerun to retry them")

@@ -81,3 +81,22 @@ def test_encode_job_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys,
     plan = json.loads(capsys.readouterr().out)
     assert plan["passages"] == 2333 and plan["shards"] == 5
     assert _files(store) == []
+
+
+def test_storage_and_update_jobs_check_their_keys(tmp_path, capsys):
+    from jobs import storage as storage_job
+    from jobs import update as update_job
+    job = tmp_path / "s.yaml"
+    job.write_text("passages: 32000000\ntokens_per_passage: 150\ndims: 192\nbits: 8\nprices: {mine: 0.01}\n")
+    assert storage_job.main(["--config", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "858.3 GiB" in out and "mine" in out
+    job.write_text("passages: lots\n")
+    assert storage_job.main(["--config", str(job)]) == 2
+    job.write_text("pasages: 1\n")
+    assert storage_job.main(["--config", str(job)]) == 2
+    up = tmp_path / "u.yaml"
+    up.write_text("store: x\n")
+    assert update_job.main(["--config", str(up)]) == 2  # corpus: required
+    up.write_text(f"store: {tmp_path / 'nostore'}\ncorpus: c.tsv\nrebuild_fraction: 0.1\n")
+    assert update_job.main(["--config", str(up), "--dry-run"]) == 1  # no version to update yet: said clearly
