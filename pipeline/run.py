@@ -176,10 +176,10 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig, store: Store, scan: CorpusScan, compressor: tuple[str, str, int],
-            run_dir: str | None) -> Prepared:
+            run_dir: str | None, revision: str | None = None) -> Prepared:
     """Fingerprint (model, compressor, quantisation, DPR) and the context every worker gets."""
     max_length = model_max_length(cfg.model)
-    revision = model_revision(cfg.model)
+    revision = revision or model_revision(cfg.model)  # hashing a local checkpoint reads every weight file
     comp_rel, comp_sha, _ = compressor
     fp = fingerprint(cfg.model, revision, cfg.compression, comp_sha, max_length, SCHEMA_VERSION)
     shares = True
@@ -256,8 +256,9 @@ def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
     scan = corpus.scan()
     init_ray(cfg.execution.ray_address)
     max_length = model_max_length(cfg.model)
-    compressor = _obtain_compressor(cfg, store, corpus, scan, model_revision(cfg.model), max_length)
-    prep = prepare(cfg, store, scan, compressor, None)
+    revision = model_revision(cfg.model)
+    compressor = _obtain_compressor(cfg, store, corpus, scan, revision, max_length)
+    prep = prepare(cfg, store, scan, compressor, None, revision)
     policy = {"on_too_long": cfg.model.on_too_long, "shard_size": cfg.execution.shard_size}
     run_id = digest({"fingerprint": prep.fingerprint, "corpus": scan.digest, "policy": policy})
     ctx = with_run_dir(prep.ctx, f"runs/{run_id}")
