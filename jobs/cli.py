@@ -7,8 +7,17 @@ import logging
 import os
 import sys
 
-from pipeline.config import (BUNDLED_CORPUS, BUNDLED_MODEL, CompressionConfig, ConfigError, CorpusConfig,
-                             DprConfig, ExecutionConfig, ModelConfig, RunConfig)
+from pipeline.config import (
+    BUNDLED_CORPUS,
+    BUNDLED_MODEL,
+    CompressionConfig,
+    ConfigError,
+    CorpusConfig,
+    DprConfig,
+    ExecutionConfig,
+    ModelConfig,
+    RunConfig,
+)
 
 log = logging.getLogger("precompute")
 
@@ -88,7 +97,39 @@ def cmd_run(a) -> int:
         dpr=DprConfig(model=a.dpr_model, pooling=a.dpr_pooling, question_model=a.dpr_question_model,
                       dtype=a.dpr_dtype, index_factory=a.index_factory, nprobe=a.nprobe) if a.dpr_model else None,
         storage_options=_storage_options(a.storage_options))
+    if a.dry_run:
+        return print_plan(cfg, _gpu_assumptions(a), a.json)
     return run_and_report(cfg, a.summary_json)
+
+
+def print_plan(cfg: RunConfig, gpu, as_json: bool) -> int:
+    """Dry run of an encode: scan the corpus, tokenise a sample, price it; start nothing, write nothing."""
+    from pipeline.dryrun import plan_run
+
+    plan = plan_run(cfg, gpu)
+    print(json.dumps(plan.to_dict(), indent=1) if as_json else plan.render())
+    return 0
+
+
+def _gpu_assumptions(a):
+    from pipeline.jobplan import GpuAssumptions
+    return GpuAssumptions(peak_tflops=a.gpu_tflops, utilisation=a.gpu_utilisation,
+                          tokens_per_second=a.gpu_tokens_per_second, price_per_gpu_hour=a.gpu_price)
+
+
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    from pipeline.jobplan import GpuAssumptions
+    d = GpuAssumptions()
+    g = p.add_argument_group("dry-run plan (GPU-hours)")
+    g.add_argument("--dry-run", action="store_true", help="print passages, shards, GPU-hours and storage; do nothing")
+    g.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+    g.add_argument("--gpu-tokens-per-second", type=float, default=None,
+                   help="measured tokens/s per GPU (benchmarks/throughput.py); overrides the FLOP model")
+    g.add_argument("--gpu-tflops", type=float, default=d.peak_tflops,
+                   help=f"GPU dense bf16 peak for the FLOP model (default {d.peak_tflops:g}: A10/A10G class)")
+    g.add_argument("--gpu-utilisation", type=float, default=d.utilisation,
+                   help=f"share of peak the encoder sustains (default {d.utilisation:g}, an assumption)")
+    g.add_argument("--gpu-price", type=float, default=None, help="$ per GPU-hour, to price the GPU time")
 
 
 def run_and_report(cfg: RunConfig, summary_json: str | None) -> int:
@@ -502,11 +543,31 @@ def cmd_update(a) -> int:
 
     cfg = _update_config(a)
     if a.dry_run:
+        from pipeline.dryrun import plan_delta
+
         _, _, plan = plan_update(Store(cfg.store, cfg.storage_options), Corpus(cfg.corpus, cfg.storage_options))
-        print(plan.render())
+        job = plan_delta(cfg, plan, _gpu_assumptions(a))
+        if a.json:
+            print(json.dumps({"update": plan.to_dict(), "plan": job.to_dict()}, indent=1))
+        else:
+            print(plan.render())
+            print(job.render())
         return 0
     summary = run_update(cfg, rebuild_fraction=a.rebuild_fraction)
     print(summary.render())
+    return 0
+
+
+def cmd_index(a) -> int:
+    from pipeline.reindex import ReindexConfig, plan_reindex, reindex
+
+    cfg = ReindexConfig(store=a.store, factory=a.factory, train_sample=a.train_sample, nprobe=a.nprobe,
+                        ray_address=a.address, storage_options=_storage_options(a.storage_options))
+    if a.dry_run:
+        plan = plan_reindex(cfg)
+        print(json.dumps(plan.to_dict(), indent=1) if a.json else plan.render())
+        return 0
+    print(reindex(cfg).render())
     return 0
 
 
@@ -566,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--token-budget", type=int, default=None,
                    help="padded tokens per forward batch (default: 4096 on CPU, 65536 on GPU)")
     g.add_argument("--summary-json", default=None, help="also write the run summary here")
+    _add_plan(r)
     r.set_defaults(func=cmd_run)
 
     f = sub.add_parser("fit-compressor", help="fit a PCA compressor on a corpus sample (safetensors)")
@@ -680,7 +742,6 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--corpus", required=True)
     up.add_argument("--format", default=None, choices=["auto", "tsv", "jsonl", "parquet", "hf"])
     up.add_argument("--on-duplicate", default=None, choices=["error", "keep-first"])
-    up.add_argument("--dry-run", action="store_true", help="print counts, encode time and storage delta; do nothing")
     up.add_argument("--rebuild-fraction", type=float, default=0.2,
                     help="rebuild and retrain the index when more than this share of passages changed (default 0.2)")
     up.add_argument("--model", default=None, help="override (a different fingerprint is refused)")
@@ -690,7 +751,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--bits", type=float, default=None)
     up.add_argument("--shard-size", type=int, default=None)
     up.add_argument("--address", default=None)
+    _add_plan(up)
     up.set_defaults(func=cmd_update)
+
+    ix = sub.add_parser("index", help="rebuild the FAISS index of the newest version from its stored embeddings",
+                        description="Train a FAISS index (any factory string; see plan-index) on the newest version's "
+                        "DPR embeddings, without tombstoned rows, add every shard in Ray tasks, and commit it as a "
+                        "new version over the same shards.")
+    _add_store(ix)
+    ix.add_argument("--factory", required=True, help="FAISS factory string, e.g. IVF4096,SQ8 (inner product)")
+    ix.add_argument("--train-sample", type=int, default=100_000, help="vectors to train on (default 100000)")
+    ix.add_argument("--nprobe", type=int, default=16, help="default nprobe recorded for search")
+    ix.add_argument("--address", default=None, help="Ray address (default: start a local cluster)")
+    ix.add_argument("--dry-run", action="store_true", help="print vectors, shards and index size; do nothing")
+    ix.add_argument("--json", action="store_true")
+    ix.set_defaults(func=cmd_index)
 
     co = sub.add_parser("compact", help="rewrite live rows into fewer full-size shards as a new version")
     _add_store(co)
@@ -699,12 +774,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+def configure_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "filelock", "httpx", "transformers", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def guarded(action) -> int:
+    """Run a command; errors the user can act on become one logged line and an exit code, not a traceback."""
     from pipeline.compress import CompressorError
     from pipeline.corpus import CorpusError
     from pipeline.index import IndexIntegrityError
@@ -715,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     from storage.tombstones import TombstoneError
 
     try:
-        return args.func(args)
+        return action()
     except (ConfigError, CorpusError, CompressorError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
@@ -723,6 +801,12 @@ def main(argv: list[str] | None = None) -> int:
             TombstoneError, FingerprintMismatch) as exc:
         log.error("%s", exc)
         return EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    return guarded(lambda: args.func(args))
 
 
 if __name__ == "__main__":

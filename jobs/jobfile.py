@@ -1,14 +1,24 @@
 """YAML job files for `ray job submit`: load, check keys against a schema, name the bad one."""
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from pipeline.config import ConfigError
 
+NUM = (int, float)
+# The `plan:` section every job accepts: what its --dry-run assumes about GPUs (see pipeline/jobplan.py).
+PLAN_SCHEMA = {"tokens_per_second": NUM, "peak_tflops": NUM, "utilisation": NUM, "price_per_gpu_hour": NUM}
+PLAN_FLAGS = {"tokens_per_second": "--gpu-tokens-per-second", "peak_tflops": "--gpu-tflops",
+              "utilisation": "--gpu-utilisation", "price_per_gpu_hour": "--gpu-price"}
 
-def load(path: str, schema: dict[str, type | tuple[type, ...]], required: tuple[str, ...]) -> dict[str, Any]:
+
+def read(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as fh:
             body = yaml.safe_load(fh)
@@ -17,21 +27,44 @@ def load(path: str, schema: dict[str, type | tuple[type, ...]], required: tuple[
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}") from exc
     if not isinstance(body, dict):
-        raise ConfigError("the job config must be a mapping")
-    for key, value in body.items():
-        if key not in schema:
-            raise ConfigError(f"{key}: unknown key (known: {', '.join(schema)})")
-        if value is not None and not isinstance(value, schema[key]):
-            expected = schema[key].__name__ if isinstance(schema[key], type) else "/".join(t.__name__ for t in schema[key])
-            raise ConfigError(f"{key}: expected {expected}, got {value!r}")
-    missing = [k for k in required if body.get(k) in (None, "")]
-    if missing:
-        raise ConfigError(f"{', '.join(missing)}: required")
+        raise ConfigError("the job config must be a mapping of keys to values")
     return body
 
 
+def check(body: dict[str, Any], schema: dict[str, type | tuple[type, ...]], required: tuple[str, ...] = (),
+          where: str = "") -> dict[str, Any]:
+    for key, value in body.items():
+        if key not in schema:
+            raise ConfigError(f"{where}{key}: unknown key (known: {', '.join(schema)})")
+        want = schema[key]
+        if value is not None and (not isinstance(value, want) or isinstance(value, bool) and bool not in _types(want)):
+            expected = "/".join(t.__name__ for t in _types(want))
+            raise ConfigError(f"{where}{key}: expected {expected}, got {value!r}")
+    missing = [k for k in required if body.get(k) in (None, "")]
+    if missing:
+        raise ConfigError(f"{', '.join(where + m for m in missing)}: required")
+    return body
+
+
+def _types(want: type | tuple[type, ...]) -> tuple[type, ...]:
+    return want if isinstance(want, tuple) else (want,)
+
+
+def load(path: str, schema: dict[str, type | tuple[type, ...]], required: tuple[str, ...]) -> dict[str, Any]:
+    """Read and check a flat job file; a `plan:` mapping is checked against PLAN_SCHEMA."""
+    body = check(read(path), {**schema, "plan": dict}, required)
+    check(body.get("plan") or {}, PLAN_SCHEMA, where="plan.")
+    return body
+
+
+def gpu_assumptions(plan: dict[str, Any] | None):
+    from pipeline.jobplan import GpuAssumptions
+
+    return GpuAssumptions(**check(plan or {}, PLAN_SCHEMA, where="plan."))
+
+
 def flags(body: dict[str, Any], names: dict[str, str]) -> list[str]:
-    """Job keys -> CLI flags (booleans become bare flags)."""
+    """Job keys -> CLI flags (booleans become bare flags, mappings JSON)."""
     argv: list[str] = []
     for key, flag in names.items():
         value = body.get(key)
@@ -40,8 +73,42 @@ def flags(body: dict[str, Any], names: dict[str, str]) -> list[str]:
         if value is True:
             argv.append(flag)
         elif isinstance(value, dict):
-            import json
             argv += [flag, json.dumps(value)]
         else:
             argv += [flag, str(value)]
     return argv
+
+
+def plan_flags(body: dict[str, Any]) -> list[str]:
+    return flags(body.get("plan") or {}, PLAN_FLAGS)
+
+
+@dataclass(frozen=True)
+class FlatJob:
+    """A job whose YAML keys map one-to-one onto a `precompute` subcommand's flags."""
+    name: str
+    doc: str
+    command: str
+    schema: dict[str, Any]
+    flags: dict[str, str]
+    required: tuple[str, ...]
+    dry_run_help: str
+    plan_flags: bool = False  # pass the `plan:` section's GPU assumptions to the dry run
+
+    def main(self, argv: list[str] | None = None) -> int:
+        p = argparse.ArgumentParser(prog=f"python -m jobs.{self.name}", description=self.doc,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", required=True, help=f"YAML job config (see jobs/examples/{self.name}.yaml)")
+        p.add_argument("--dry-run", action="store_true", help=self.dry_run_help)
+        p.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+        a = p.parse_args(argv)
+        from jobs.cli import configure_logging
+        from jobs.cli import main as cli
+        configure_logging()
+        try:
+            body = load(a.config, self.schema, self.required)
+        except ConfigError as exc:
+            logging.getLogger(f"jobs.{self.name}").error("%s: %s", a.config, exc)
+            return 2
+        extra = ["--dry-run", *(plan_flags(body) if self.plan_flags else [])] if a.dry_run else []
+        return cli([self.command, *flags(body, self.flags), *extra, *(["--json"] if a.json else [])])

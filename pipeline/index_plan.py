@@ -99,3 +99,30 @@ def plan_index(n: int, dim: int, memory_bytes: float, cpu_flops: float = 2e11, g
         lines.append("PQ recall is lower than SQ8: re-rank the top candidates with exact vectors if recall matters")
     return IndexPlan(f"{coarse},{code}", per, total, train, flops / cpu_flops, flops / gpu_flops,
                      total <= memory_bytes, lines)
+
+
+def factory_bytes_per_vector(factory: str, dim: int) -> float | None:
+    """Stored bytes per vector for common FAISS factory strings (codes + 8 B id); None if not modelled.
+
+    The coarse quantizer (nlist x dim x 4 B) is excluded: it does not grow with the corpus.
+    """
+    parts = [p.strip() for p in factory.split(",")]
+    code = parts[-1]
+    graph = next((p for p in parts if p.startswith("HNSW")), None)
+    if code == "Flat" or code == graph:  # "HNSW32" alone stores full fp32 vectors
+        per = 4.0 * dim
+    elif code == "SQ8":
+        per = float(dim)
+    elif code == "SQ4":
+        per = dim / 2
+    elif code in ("SQfp16", "SQbf16"):
+        per = 2.0 * dim
+    elif code.startswith("PQ") and code[2:].replace("x", "", 1).isdigit():
+        m, _, nbits = code[2:].partition("x")
+        per = int(m) * int(nbits or 8) / 8
+    else:
+        return None
+    if graph is not None:
+        m = int(graph[4:]) if graph[4:].isdigit() else 32
+        per += 2 * m * 4  # HNSW links: 2M int32 neighbours per vector at level 0
+    return per + ID_BYTES

@@ -98,6 +98,10 @@ class UpdatePlan:
     encode_tokens_per_s: float | None
     bytes_per_passage: float
 
+    def to_dict(self) -> dict:
+        return {"parent": self.parent, "counts": self.diff.counts(), "tokens_per_passage": self.tokens_per_passage,
+                "encode_tokens_per_s": self.encode_tokens_per_s, "bytes_per_passage": self.bytes_per_passage}
+
     def render(self) -> str:
         c = self.diff.counts()
         n = c["new"] + c["changed"]
@@ -226,9 +230,8 @@ def _update_index(cfg, store: Store, run_dir: str, parent: mf.Manifest, d: Diff,
     if rebuild:
         vecs, ids = [], []
         for s in (x for x in all_shards if x["kind"] == "dpr"):
-            i, v = _read_embeddings(cfg.store, cfg.storage_options, s["path"])
-            keep = ~np.isin(i, list(dead.get(s["path"], set())))
-            ids.append(i[keep]), vecs.append(v[keep])
+            i, v = _read_embeddings(cfg.store, cfg.storage_options, s["path"], frozenset(dead.get(s["path"], ())))
+            ids.append(i), vecs.append(v)
         ids, vecs = np.concatenate(ids), np.concatenate(vecs)
         index = fx.train(fx.new_index(entry["factory"], entry["dim"]), vecs[: cfg.dpr.train_sample if cfg.dpr else 100_000])
         index.add_with_ids(vecs, ids)

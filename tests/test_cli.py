@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from jobs import encode as encode_job
-from jobs.cli import build_parser, main as cli
+from jobs.cli import build_parser
+from jobs.cli import main as cli
 from pipeline.config import ConfigError, run_config_from_dict
 from tests.conftest import write_tsv
 
@@ -71,16 +72,26 @@ def test_job_config_names_the_bad_key(tmp_path, capsys):
     assert encode_job.main(["--config", str(job)]) == 2
 
 
-def test_encode_job_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, sample_tsv):
+def test_encode_job_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, caplog, sample_tsv):
     import json
     job = tmp_path / "job.yaml"
     store = tmp_path / "store"
     job.write_text(yaml.safe_dump({"store": str(store), "corpus": {"url": str(sample_tsv)},
-                                   "execution": {"shard_size": 500}}))
-    assert encode_job.main(["--config", str(job), "--dry-run"]) == 0
+                                   "model": {"layers": 3}, "compression": {"dims": 96},
+                                   "execution": {"shard_size": 500},
+                                   "plan": {"tokens_per_second": 40000, "price_per_gpu_hour": 2.0}}))
+    assert encode_job.main(["--config", str(job), "--dry-run", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["passages"] == 2333 and plan["shards"] == 5
+    # tokens come from the real tokenizer on a 2,000-passage sample: the full run wrote 278,965
+    assert abs(plan["tokens"] - 278_965) / 278_965 < 0.02
+    assert plan["gpu_hours"] == pytest.approx(plan["tokens"] / 40000 / 3600)
+    assert plan["gpu_cost_usd"] == pytest.approx(2.0 * plan["gpu_hours"])
+    assert 20e6 < plan["storage_bytes"] < 40e6  # 25.5 MB written by the real run (README)
     assert _files(store) == []
+    job.write_text(yaml.safe_dump({"store": str(store), "plan": {"tokens_per_sec": 1}}))
+    assert encode_job.main(["--config", str(job), "--dry-run"]) == 2
+    assert "plan.tokens_per_sec: unknown key" in caplog.text
 
 
 def test_storage_and_update_jobs_check_their_keys(tmp_path, capsys):
@@ -100,3 +111,89 @@ def test_storage_and_update_jobs_check_their_keys(tmp_path, capsys):
     assert update_job.main(["--config", str(up)]) == 2  # corpus: required
     up.write_text(f"store: {tmp_path / 'nostore'}\ncorpus: c.tsv\nrebuild_fraction: 0.1\n")
     assert update_job.main(["--config", str(up), "--dry-run"]) == 1  # no version to update yet: said clearly
+
+
+def test_jobplan_arithmetic():
+    from pipeline.jobplan import (
+        GpuAssumptions,
+        ModelGeometry,
+        encode_plan,
+        flops_per_token,
+    )
+    bert5 = ModelGeometry(hidden=768, intermediate=3072, layers=5)
+    per_layer_macs = 4 * 768 * 768 + 2 * 768 * 3072 + 2 * 150 * 768
+    assert flops_per_token(bert5, 150) == 2 * 5 * per_layer_macs
+    gpu = GpuAssumptions(peak_tflops=100, utilisation=0.5)
+    plan = encode_plan("encode", 32_000_000, 1000, 150, bert5, gpu, 1e12, "x")
+    assert plan.shards == 32_000
+    assert plan.gpu_hours == pytest.approx(32e6 * 150 * flops_per_token(bert5, 150) / 50e12 / 3600)
+    measured = encode_plan("encode", 1000, 300, 100, bert5, GpuAssumptions(tokens_per_second=1e4), 0, "x")
+    assert measured.shards == 4 and measured.gpu_hours == pytest.approx(1000 * 100 / 1e4 / 3600)
+    with pytest.raises(ConfigError, match="utilisation"):
+        GpuAssumptions(utilisation=1.5)
+    with pytest.raises(ConfigError, match="tokens_per_second"):
+        GpuAssumptions(tokens_per_second=0)
+
+
+def test_storage_job_dry_run_plans_wikipedia_from_assumptions(capsys):
+    from jobs import storage as storage_job
+    assert storage_job.main(["--config", "jobs/examples/storage.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "passages:  32,000,000" in out and "shards:    32,000" in out
+    assert "GPU-hours: ~3.12" in out  # 4.8e9 tokens x 73 MFLOP / (125 TFLOPS x 25%), BERT-base lower 5
+    assert "storage:   ~995.94 GB" in out
+
+
+def test_every_job_has_help_and_its_example_passes_its_schema(capsys):
+    import importlib
+    from pathlib import Path
+
+    from jobs import jobfile
+    for name in ("encode", "update", "index", "storage"):
+        module = importlib.import_module(f"jobs.{name}")
+        with pytest.raises(SystemExit) as exit_:
+            module.main(["--help"])
+        assert exit_.value.code == 0
+        assert "--dry-run" in capsys.readouterr().out
+        example = Path(f"jobs/examples/{name}.yaml")
+        body = jobfile.read(str(example))
+        if name == "encode":
+            jobfile.gpu_assumptions(body.pop("plan", None))
+            run_config_from_dict(body)
+        else:
+            jobfile.load(str(example), module.SCHEMA, ())
+
+
+def test_job_files_name_the_bad_key_and_type(tmp_path, caplog):
+    from jobs import index as index_job
+    from jobs import jobfile
+    job = tmp_path / "i.yaml"
+    for text, msg in (("store: x\n", "factory: required"),
+                      ("store: x\nfactory: Flat\nnprobe: many\n", "nprobe: expected int"),
+                      ("store: x\nfactory: Flat\nnprobe: true\n", "nprobe: expected int"),
+                      ("store: x\nfactory: Flat\nfactroy: Flat\n", "factroy: unknown key"),
+                      ("store: x\nfactory: Flat\nplan: {peak_tflops: fast}\n", "plan.peak_tflops: expected"),
+                      ("- a list\n", "must be a mapping"), ("", "must be a mapping")):
+        job.write_text(text)
+        caplog.clear()
+        assert index_job.main(["--config", str(job)]) == 2, text
+        assert msg in caplog.text, (text, caplog.text)
+    with pytest.raises(ConfigError, match="cannot read job config"):
+        jobfile.read(str(tmp_path / "missing.yaml"))
+
+
+def test_index_job_refuses_a_store_without_a_version(tmp_path, caplog):
+    from jobs import index as index_job
+    job = tmp_path / "i.yaml"
+    job.write_text(yaml.safe_dump({"store": str(tmp_path / "empty"), "factory": "IVF4,SQ8"}))
+    assert index_job.main(["--config", str(job), "--dry-run"]) == 2
+    assert "no committed version" in caplog.text
+
+
+def test_factory_bytes_per_vector_matches_the_measured_sizes():
+    from pipeline.index_plan import factory_bytes_per_vector as per
+    # 392, 24 and 648 B/vector are the sizes measured on the 384-dim MiniLM index (README, recall row)
+    assert per("IVF32,SQ8", 384) == 392 and per("IVF32,PQ16", 384) == 24 and per("HNSW32,SQ8", 384) == 648
+    assert per("Flat", 768) == 4 * 768 + 8 and per("IVF1024,PQ16x4", 768) == 16
+    assert per("IVF16384_HNSW32,SQ8", 768) == 776  # plan-index's Wikipedia figure
+    assert per("LSH", 768) is None

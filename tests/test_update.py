@@ -134,6 +134,32 @@ def test_dry_run_counts_and_writes_nothing(updated, capsys):
     assert {f.path for f in store.walk_files()} == files
 
 
+def test_index_job_rebuilds_over_live_rows_only_as_a_new_version(updated, capsys):
+    import json
+
+    from pipeline.index import index_ids, load_checked
+    from pipeline.reindex import ReindexConfig, reindex
+    store = updated["store"]
+    before = mf.load(store)
+    questions = ["rowing boats", "Robert Boulter"] + [t.split(" . ")[0] for _, t, _ in first_passages(20)[::4]]
+    hits_before = [[h.id for h in hs] for hs in Searcher(store).search(questions, 10)]
+    assert cli(["index", "--store", store.url, "--factory", "IVF4,Flat", "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    live = 2333 - 12 + 23
+    assert plan["passages"] == live and plan["shards"] == len(before.shards_of("dpr"))
+    assert mf.latest_version(store) == before.version  # a dry run commits nothing
+    # nprobe = nlist searches every list: with Flat codes the results must equal the exact index's.
+    summary = reindex(ReindexConfig(store=store.url, factory="IVF4,Flat", nprobe=4, train_sample=500))
+    after = mf.load(store)
+    assert summary.version == after.version == before.version + 1 and summary.ntotal == live
+    assert after.shards == before.shards and after.artifacts["tombstones"] == before.artifacts["tombstones"]
+    assert after.artifacts["dpr_index"]["factory"] == "IVF4,Flat"
+    ids = index_ids(load_checked(store, after.artifacts["dpr_index"]))
+    assert sorted(ids.tolist()) == sorted(StateReader(store).ids().tolist())  # tombstoned rows left out
+    assert [[h.id for h in hs] for hs in Searcher(store).search(questions, 10)] == hits_before
+    assert mf.verify(store, after).ok
+
+
 def test_compact_keeps_content_and_drops_shard_count(updated):
     from pipeline.compact import compact
     store = updated["store"]

@@ -1,0 +1,82 @@
+"""Gather the facts a dry-run plan needs (corpus scan, a tokenised sample, model geometry), then plan.
+
+Nothing here starts Ray or writes to the store.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from transformers import AutoConfig
+
+from pipeline import jobplan
+from pipeline.config import ModelConfig, RunConfig, resolve_model
+from pipeline.corpus import Corpus, CorpusScan
+from pipeline.tokenize import PairTokenizer, model_max_length
+from storage.estimate import Assumptions, estimate
+
+log = logging.getLogger(__name__)
+
+SAMPLE_PASSAGES = 2000
+
+
+def model_geometry(name: str, revision: str | None = None, layers: int | None = None) -> jobplan.ModelGeometry:
+    cfg = AutoConfig.from_pretrained(resolve_model(name), revision=revision)
+    return jobplan.ModelGeometry(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
+                                 layers=layers or cfg.num_hidden_layers)
+
+
+def sample_tokens_per_passage(corpus: Corpus, scan: CorpusScan, model: ModelConfig,
+                              sample: int = SAMPLE_PASSAGES) -> tuple[float, int]:
+    """Mean tokens per kept passage over the first `sample` accepted passages (after truncation)."""
+    rows: list[dict] = []
+    for table in corpus.batches(scan, min(sample, 4096)):
+        rows += table.to_pylist()
+        if len(rows) >= sample:
+            break
+    rows = rows[:sample]
+    tok = PairTokenizer(model, model_max_length(model))
+    t = tok([r["title"] for r in rows], [r["text"] for r in rows])
+    lengths = [len(x) for x, keep in zip(t.input_ids, t.keep) if keep]
+    return (float(np.mean(lengths)) if lengths else 0.0), len(lengths)
+
+
+def plan_run(cfg: RunConfig, gpu: jobplan.GpuAssumptions) -> jobplan.JobPlan:
+    corpus = Corpus(cfg.corpus, cfg.storage_options)
+    scan = corpus.scan()
+    tpp, sampled = sample_tokens_per_passage(corpus, scan, cfg.model)
+    geometry = model_geometry(cfg.model.name, cfg.model.revision, cfg.model.layers)
+    notes = [f"tokens/passage {tpp:.1f}, measured with the model's tokenizer on {sampled:,} passages",
+             f"corpus counts: {scan.counts.to_dict()}"]
+    dpr_geometry = None
+    if cfg.dpr is not None:
+        try:
+            dpr_geometry = model_geometry(cfg.dpr.model, cfg.dpr.revision)
+        except OSError as exc:  # a hub name with no hub: plan with BERT-base geometry, and say so
+            dpr_geometry = jobplan.ModelGeometry(hidden=768, intermediate=3072, layers=12)
+            notes.append(f"DPR model config unreadable here ({type(exc).__name__}); planned as BERT-base")
+    c = cfg.compression
+    bits = c.bits if c.quantize != "none" else 16
+    storage = estimate(Assumptions(passages=scan.n, tokens_per_passage=tpp, hidden=geometry.hidden, dims=c.dims,
+                                   bits=bits, dpr_dim=dpr_geometry.hidden if dpr_geometry else 0))
+    basis = (f"precompute estimate model, {bits}-bit codes in {'int8' if bits <= 8 else 'float16'}, zstd ratio "
+             f"assumed 1.0 (conservative; `precompute estimate --sample-corpus` measures it)")
+    return jobplan.encode_plan("encode", scan.n, cfg.execution.shard_size, tpp, geometry, gpu, storage.total, basis,
+                               dpr_geometry=dpr_geometry, notes=tuple(notes))
+
+
+def plan_delta(cfg: RunConfig, update, gpu: jobplan.GpuAssumptions) -> jobplan.JobPlan:
+    """Plan for an update: only new and changed passages are encoded (rates from the newest version)."""
+    c = update.diff.counts()
+    n = c["new"] + c["changed"]
+    geometry = model_geometry(cfg.model.name, cfg.model.revision, cfg.model.layers)
+    dpr_geometry = None
+    if cfg.dpr is not None:
+        try:
+            dpr_geometry = model_geometry(cfg.dpr.model, cfg.dpr.revision)
+        except OSError:
+            dpr_geometry = jobplan.ModelGeometry(hidden=768, intermediate=3072, layers=12)
+    written = n * update.bytes_per_passage
+    basis = f"{update.bytes_per_passage:,.0f} B/passage as stored in version {update.parent}"
+    return jobplan.encode_plan("update", n, cfg.execution.shard_size, update.tokens_per_passage, geometry, gpu,
+                               written, basis, dpr_geometry=dpr_geometry, notes=(f"diff: {c}",))
