@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         body = jobfile.read(args.config)
         gpu = jobfile.gpu_assumptions(body.pop("plan", None))
         cfg = run_config_from_dict(body)
+        jobfile.check_store_for_submitted_job(cfg.store)
     except ConfigError as exc:
         log.error("%s: %s", args.config, exc)
         return 2

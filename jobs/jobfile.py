@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,22 @@ def load(path: str, schema: dict[str, type | tuple[type, ...]], required: tuple[
     return body
 
 
+def check_store_for_submitted_job(store: str) -> None:
+    """Refuse a relative local store inside `ray job submit --working-dir`: the job's cwd is Ray's
+    temporary copy of the repo, so the store would be written there and lost with it."""
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not job or "://" in store or os.path.isabs(os.path.expanduser(store)):
+        return
+    try:
+        working_dir = (json.loads(job).get("runtime_env") or {}).get("working_dir")
+    except (ValueError, AttributeError):
+        return
+    if working_dir:
+        raise ConfigError(f"store: {store!r} is a relative path, and this job runs in Ray's temporary copy of the "
+                          f"working dir, where the store would be lost. Use s3://bucket/prefix (or gs://) on a "
+                          f"cluster, or an absolute path on a single machine.")
+
+
 def gpu_assumptions(plan: dict[str, Any] | None):
     from pipeline.jobplan import GpuAssumptions
 
@@ -107,6 +124,7 @@ class FlatJob:
         configure_logging()
         try:
             body = load(a.config, self.schema, self.required)
+            check_store_for_submitted_job(body["store"])
         except ConfigError as exc:
             logging.getLogger(f"jobs.{self.name}").error("%s: %s", a.config, exc)
             return 2

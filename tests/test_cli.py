@@ -197,3 +197,21 @@ def test_factory_bytes_per_vector_matches_the_measured_sizes():
     assert per("Flat", 768) == 4 * 768 + 8 and per("IVF1024,PQ16x4", 768) == 16
     assert per("IVF16384_HNSW32,SQ8", 768) == 776  # plan-index's Wikipedia figure
     assert per("LSH", 768) is None
+
+
+def test_a_relative_store_is_refused_inside_a_submitted_job(tmp_path, monkeypatch, caplog):
+    import json
+
+    from jobs import index as index_job
+    job = tmp_path / "job.yaml"
+    job.write_text("store: ./store\nmodel: {layers: 3}\n")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg.zip"}}))
+    assert encode_job.main(["--config", str(job), "--dry-run"]) == 2
+    assert "relative path" in caplog.text and "s3://" in caplog.text
+    idx = tmp_path / "index.yaml"
+    idx.write_text("store: store\nfactory: Flat\n")
+    assert index_job.main(["--config", str(idx), "--dry-run"]) == 2
+    caplog.clear()
+    idx.write_text(f"store: {tmp_path / 'none'}\nfactory: Flat\n")  # absolute: accepted, then "no version"
+    assert index_job.main(["--config", str(idx), "--dry-run"]) == 2
+    assert "no committed version" in caplog.text
