@@ -91,5 +91,14 @@ def test_job_survives_losing_a_node_and_commits_every_passage_once(cluster, tmp_
     expected = [pid for pid, _, _ in first_passages(10**9)]
     assert sorted(ids) == sorted(expected)  # every passage, each exactly once
     assert manifest.counts["written"] == n_passages
+
+    # A second job through the same API on the one remaining node: validate the bytes written.
+    priced = tmp_path / "storage.yaml"
+    priced.write_text(yaml.safe_dump({"store": str(store), "passages": 32_000_000, "dims": 96, "hidden": 384}))
+    cluster.cli("job", "submit", "--address", cluster.address, "--working-dir", ".", "--submission-id", "val-1",
+                "--", "python", "-m", "jobs.storage", "--config", str(priced), cwd=REPO)
+    assert cluster.job_status("val-1") == "SUCCEEDED"
+    val_logs = cluster.cli("job", "logs", "--address", cluster.address, "val-1").stdout
+    assert "measured B/token" in val_logs, val_logs[-2000:]
     print(f"\nnode stopped after {done_before}/{n_shards} shards with {on_worker} on it; job {status}; "
           f"verify: {verify.stdout.strip()}")
