@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -111,3 +112,4 @@ class LoopbackCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # Ray's session dir; node logs stay in workdir
