@@ -37,6 +37,12 @@ def resolve_normalize(model: str, normalize: bool | None) -> bool:
         return any(m.get("type", "").endswith("Normalize") for m in json.load(fh))
 
 
+def embedding_dim(model: str, revision: str | None = None) -> int:
+    """The embedding width a model produces, from its config alone (no weights loaded)."""
+    cfg = AutoConfig.from_pretrained(resolve_model(model), revision=revision)
+    return int(getattr(cfg, "projection_dim", 0) or cfg.hidden_size)
+
+
 class Embedder:
     """One model, one pooling; encodes passages (title, text pairs) or questions (single segment)."""
 

@@ -44,6 +44,12 @@ def sample_tokens_per_passage(corpus: Corpus, scan: CorpusScan, model: ModelConf
 def plan_run(cfg: RunConfig, gpu: jobplan.GpuAssumptions) -> jobplan.JobPlan:
     corpus = Corpus(cfg.corpus, cfg.storage_options)
     scan = corpus.scan()
+    if cfg.dpr is not None:
+        from pipeline.run import check_index_config
+        try:
+            check_index_config(cfg, scan.n)
+        except OSError:  # the DPR model's config is not reachable here; the real run checks again
+            log.warning("could not read %s's config to check index factory %s", cfg.dpr.model, cfg.dpr.index_factory)
     tpp, sampled = sample_tokens_per_passage(corpus, scan, cfg.model)
     geometry = model_geometry(cfg.model.name, cfg.model.revision, cfg.model.layers)
     notes = [f"tokens/passage {tpp:.1f}, measured with the model's tokenizer on {sampled:,} passages",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from pipeline.config import ConfigError
 from storage.fs import IntegrityError, Store
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,22 @@ def new_index(factory: str, dim: int) -> faiss.Index:
     try:
         base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise ValueError(f"invalid --index-factory {factory!r}: {exc}") from exc
+        reason = str(exc).strip().splitlines()[-1].split(": ", 1)[-1] if str(exc).strip() else "unknown"
+        raise ConfigError(f"invalid index factory {factory!r} for {dim}-dim vectors: {reason}") from exc
     if isinstance(faiss.try_extract_index_ivf(base), faiss.IndexIVF):
         return base  # IVF lists carry ids and support remove_ids
     return faiss.IndexIDMap2(base)
+
+
+def _check_lists(ivf, n_train: int) -> None:
+    if ivf is not None and ivf.nlist > n_train:
+        raise ConfigError(f"index has {ivf.nlist} lists but only {n_train} training vectors; lower nlist "
+                          f"(precompute plan-index proposes one)")
+
+
+def check_factory(factory: str, dim: int, n_vectors: int, train_sample: int) -> None:
+    """Fail before any encoding or Ray work if this factory cannot be built over these vectors."""
+    _check_lists(faiss.try_extract_index_ivf(new_index(factory, dim)), min(n_vectors, train_sample))
 
 
 def train(index: faiss.Index, sample: np.ndarray) -> faiss.Index:
@@ -42,8 +55,7 @@ def train(index: faiss.Index, sample: np.ndarray) -> faiss.Index:
         raise ValueError("no vectors to train the index on")
     x = np.ascontiguousarray(sample, dtype=np.float32)
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and ivf.nlist > len(x):
-        raise ValueError(f"index has {ivf.nlist} lists but only {len(x)} training vectors; lower nlist")
+    _check_lists(ivf, len(x))
     if gpu_count() and ivf is not None:
         # Train the coarse quantizer's k-means on the GPU, as faiss' own benchmarks do.
         clustering = faiss.Clustering(ivf.d, ivf.nlist)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
+from pipeline import index as fx
 from pipeline.config import ConfigError, digest
 from pipeline.index_plan import factory_bytes_per_vector
 from pipeline.jobplan import JobPlan
@@ -76,6 +77,7 @@ def plan_reindex(cfg: ReindexConfig) -> JobPlan:
     paths = {s["path"] for s in dpr}
     live = sum(s["rows"] for s in dpr) - sum(len(ids) for path, ids in dead.items() if path in paths)
     dim = _embedding_dim(store, dpr[0])
+    fx.check_factory(cfg.factory, dim, live, cfg.train_sample)
     per = factory_bytes_per_vector(cfg.factory, dim)
     if per is None:
         storage, basis = 0.0, f"{cfg.factory!r} is not in the byte model; the real size is logged after the build"
@@ -94,6 +96,7 @@ def reindex(cfg: ReindexConfig) -> ReindexSummary:
     t0 = time.perf_counter()
     store = Store(cfg.store, cfg.storage_options or {})
     parent, dpr, dead = _parent(store)
+    plan_reindex(cfg)  # checks the factory against the live vectors before Ray starts
     init_ray(cfg.ray_address)
     spec = IndexSpec(cfg.store, cfg.storage_options or {}, cfg.factory, cfg.train_sample, cfg.nprobe, cfg.task_cpus)
     run_id = digest({"parent": parent.version, "factory": cfg.factory, "train_sample": cfg.train_sample})

@@ -254,6 +254,7 @@ def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
     corpus = Corpus(cfg.corpus, cfg.storage_options)
     log.info("pass 1/2: validating corpus %s", corpus.display_url)
     scan = corpus.scan()
+    check_index_config(cfg, scan.n)
     init_ray(cfg.execution.ray_address)
     max_length = model_max_length(cfg.model)
     revision = model_revision(cfg.model)
@@ -276,6 +277,17 @@ def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
     comp_rel, comp_sha, comp_bytes = compressor
     return _commit(cfg, store, scan, ctx, run_id, markers, n_shards, comp_rel, comp_sha, comp_bytes, t_start,
                    encoded_now, n_shards - len(pending))
+
+
+def check_index_config(cfg: RunConfig, n_passages: int) -> None:
+    """A factory FAISS cannot build fails now, not after every passage has been encoded."""
+    if cfg.dpr is None:
+        return
+    from pipeline import index as fx
+    from pipeline.dpr import embedding_dim
+
+    fx.check_factory(cfg.dpr.index_factory, embedding_dim(cfg.dpr.model, cfg.dpr.revision), n_passages,
+                     cfg.dpr.train_sample)
 
 
 def encode_shards(ctx: StageContext, pending: list[int], encode_stage: type | None = None) -> dict[int, dict]:

@@ -63,7 +63,9 @@ def test_job_config_names_the_bad_key(tmp_path, capsys):
         run_config_from_dict({"model": {}})
     with pytest.raises(ConfigError, match=r"compression\.quantize="):
         run_config_from_dict({"store": "x", "compression": {"quantize": "fp4"}})
-    cfg = run_config_from_dict(yaml.safe_load(open("jobs/examples/encode.yaml")))
+    body = yaml.safe_load(open("jobs/examples/encode.yaml"))
+    body.pop("plan")  # the job's own section, read by jobs.encode
+    cfg = run_config_from_dict(body)
     assert cfg.model.layers == 3 and cfg.compression.dims == 96
     job = tmp_path / "job.yaml"
     job.write_text("store: x\nexecution: {shard_sise: 10}\n")
@@ -215,3 +217,13 @@ def test_a_relative_store_is_refused_inside_a_submitted_job(tmp_path, monkeypatc
     idx.write_text(f"store: {tmp_path / 'none'}\nfactory: Flat\n")  # absolute: accepted, then "no version"
     assert index_job.main(["--config", str(idx), "--dry-run"]) == 2
     assert "no committed version" in caplog.text
+
+
+def test_run_refuses_an_unbuildable_index_before_encoding(tmp_path, caplog):
+    store = tmp_path / "store"
+    for factory, msg in (("Bogus,Thing", "could not parse"), ("IVF4096,SQ8", "4096 lists but only 50")):
+        caplog.clear()
+        assert cli(["run", "--store", str(store), "--limit", "50", "--dpr-model", "bundled:all-minilm-l6-v2",
+                    "--index-factory", factory, "--layers", "2", "--dims", "16"]) == 2
+        assert msg in caplog.text
+    assert _files(store) == []

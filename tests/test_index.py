@@ -66,7 +66,12 @@ def test_index_file_is_loaded_only_when_its_checksum_matches(tmp_path):
 
 
 def test_bad_factory_and_too_few_training_vectors_are_clear():
-    with pytest.raises(ValueError, match="invalid --index-factory"):
+    with pytest.raises(ValueError, match="invalid index factory 'NotAnIndex'"):
         fx.new_index("NotAnIndex", 8)
+    with pytest.raises(ValueError, match="multiple of the number of subquantizers"):
+        fx.check_factory("IVF4,PQ7", 384, 1000, 1000)
+    with pytest.raises(ValueError, match="64 lists but only 50 training vectors"):
+        fx.check_factory("IVF64,Flat", 8, 50, 100_000)
+    fx.check_factory("IVF64,Flat", 8, 5000, 100_000)
     with pytest.raises(ValueError, match="lists but only"):
         fx.train(fx.new_index("IVF64,Flat", 8), np.zeros((10, 8), np.float32))
