@@ -781,26 +781,32 @@ def configure_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def guarded(action) -> int:
-    """Run a command; errors the user can act on become one logged line and an exit code, not a traceback."""
-    from pipeline.compress import CompressorError
-    from pipeline.corpus import CorpusError
-    from pipeline.index import IndexIntegrityError
-    from pipeline.reader import IntegrityError
-    from pipeline.search import NoIndex
-    from pipeline.update import FingerprintMismatch
-    from storage.manifest import CommitConflict, ManifestError, NoVersion
-    from storage.tombstones import TombstoneError
+# Errors a user can act on: one logged line and an exit code, not a traceback. Named by module so that
+# a command imports only what it uses (verify and gc never load torch or faiss): an exception can only
+# be raised by a module that is already imported, so only those are consulted.
+_USAGE_ERRORS = {"pipeline.config": ("ConfigError",), "pipeline.corpus": ("CorpusError",),
+                 "pipeline.compress": ("CompressorError",)}
+_FAILED_ERRORS = {"storage.manifest": ("NoVersion", "ManifestError", "CommitConflict"),
+                  "storage.fs": ("IntegrityError",), "storage.tombstones": ("TombstoneError",),
+                  "pipeline.search": ("NoIndex",), "pipeline.update": ("FingerprintMismatch",)}
 
+
+def _loaded(table: dict[str, tuple[str, ...]]) -> tuple[type, ...]:
+    return tuple(getattr(sys.modules[m], n) for m, names in table.items() if m in sys.modules for n in names)
+
+
+def guarded(action) -> int:
+    """Run a command, mapping the errors above to EXIT_USAGE / EXIT_FAILED."""
     try:
         return action()
-    except (ConfigError, CorpusError, CompressorError) as exc:
-        log.error("%s", exc)
-        return EXIT_USAGE
-    except (NoVersion, ManifestError, IntegrityError, CommitConflict, IndexIntegrityError, NoIndex,
-            TombstoneError, FingerprintMismatch) as exc:
-        log.error("%s", exc)
-        return EXIT_FAILED
+    except Exception as exc:
+        if isinstance(exc, _loaded(_USAGE_ERRORS)):
+            log.error("%s", exc)
+            return EXIT_USAGE
+        if isinstance(exc, _loaded(_FAILED_ERRORS)):
+            log.error("%s", exc)
+            return EXIT_FAILED
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
