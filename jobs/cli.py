@@ -317,31 +317,26 @@ def cmd_estimate(a) -> int:
 
 def _measure_sample(a, tpp: float, ratio: float) -> tuple[float, float]:
     """Tokens per passage (and, with --zstd-ratio unset, the code zstd ratio) from a corpus sample."""
-    import numpy as np
     import torch
     import zstandard
 
     from pipeline.compress import PcaAccumulator
     from pipeline.corpus import Corpus
     from pipeline.encoder import LayeredEncoder, pad_batch
+    from pipeline.dryrun import tokenized_sample, tokens_per_passage
     from pipeline.quantize import quantize
-    from pipeline.tokenize import PairTokenizer, model_max_length
 
     model = ModelConfig(name=a.model, layers=a.layers)
     corpus = Corpus(CorpusConfig(url=a.sample_corpus, limit=a.sample_size))
-    scan = corpus.scan()
-    rows = [r for t in corpus.batches(scan, 4096) for r in t.to_pylist()]
-    tok = PairTokenizer(model, model_max_length(model))
-    t = tok([r["title"] for r in rows], [r["text"] for r in rows])
-    lengths = [len(x) for x, k in zip(t.input_ids, t.keep) if k]
-    tpp = float(np.mean(lengths))
-    log.info("measured %.1f tokens per passage on %d sample passages", tpp, len(lengths))
+    t = tokenized_sample(corpus, corpus.scan(), model, a.sample_size)
+    tpp, n = tokens_per_passage(t)
+    log.info("measured %.1f tokens per passage on %d sample passages", tpp, n)
     if ratio is None:
         enc = LayeredEncoder(model, torch.device("cpu"))
         if a.dims > enc.hidden:
             raise ConfigError(f"--dims {a.dims} exceeds the sample model's hidden size {enc.hidden}")
         acc, states = PcaAccumulator(enc.hidden), []
-        for start in range(0, len(rows), 32):
+        for start in range(0, len(t.input_ids), 32):
             ids, types = t.input_ids[start:start + 32], t.token_type_ids[start:start + 32]
             i, tt, am = pad_batch(ids, types, 0, "cpu")
             h = enc.embed_and_lower(i, tt, am)

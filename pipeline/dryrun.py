@@ -12,7 +12,7 @@ from transformers import AutoConfig
 from pipeline import jobplan
 from pipeline.config import ModelConfig, RunConfig, resolve_model
 from pipeline.corpus import Corpus, CorpusScan
-from pipeline.tokenize import PairTokenizer, model_max_length
+from pipeline.tokenize import PairTokenizer, Tokenized, model_max_length
 from storage.estimate import Assumptions, estimate
 
 log = logging.getLogger(__name__)
@@ -26,19 +26,31 @@ def model_geometry(name: str, revision: str | None = None, layers: int | None = 
                                  layers=layers or cfg.num_hidden_layers)
 
 
-def sample_tokens_per_passage(corpus: Corpus, scan: CorpusScan, model: ModelConfig,
-                              sample: int = SAMPLE_PASSAGES) -> tuple[float, int]:
-    """Mean tokens per kept passage over the first `sample` accepted passages (after truncation)."""
+def tokenized_sample(corpus: Corpus, scan: CorpusScan, model: ModelConfig, sample: int = SAMPLE_PASSAGES) -> Tokenized:
+    """The first `sample` accepted passages, tokenised as the encoder will see them (after truncation)."""
     rows: list[dict] = []
     for table in corpus.batches(scan, min(sample, 4096)):
         rows += table.to_pylist()
         if len(rows) >= sample:
             break
     rows = rows[:sample]
-    tok = PairTokenizer(model, model_max_length(model))
-    t = tok([r["title"] for r in rows], [r["text"] for r in rows])
+    return PairTokenizer(model, model_max_length(model))([r["title"] for r in rows], [r["text"] for r in rows])
+
+
+def tokens_per_passage(t: Tokenized) -> tuple[float, int]:
+    """Mean tokens per kept passage, and how many passages that mean is over."""
     lengths = [len(x) for x, keep in zip(t.input_ids, t.keep) if keep]
     return (float(np.mean(lengths)) if lengths else 0.0), len(lengths)
+
+
+def _dpr_geometry(cfg: RunConfig) -> tuple[jobplan.ModelGeometry | None, str | None]:
+    if cfg.dpr is None:
+        return None, None
+    try:
+        return model_geometry(cfg.dpr.model, cfg.dpr.revision), None
+    except OSError as exc:  # a hub name with no hub: plan with BERT-base geometry, and say so
+        return (jobplan.ModelGeometry(hidden=768, intermediate=3072, layers=12),
+                f"DPR model config unreadable here ({type(exc).__name__}); planned as BERT-base")
 
 
 def plan_run(cfg: RunConfig, gpu: jobplan.GpuAssumptions) -> jobplan.JobPlan:
@@ -50,17 +62,12 @@ def plan_run(cfg: RunConfig, gpu: jobplan.GpuAssumptions) -> jobplan.JobPlan:
             check_index_config(cfg, scan.n)
         except OSError:  # the DPR model's config is not reachable here; the real run checks again
             log.warning("could not read %s's config to check index factory %s", cfg.dpr.model, cfg.dpr.index_factory)
-    tpp, sampled = sample_tokens_per_passage(corpus, scan, cfg.model)
+    tpp, sampled = tokens_per_passage(tokenized_sample(corpus, scan, cfg.model))
     geometry = model_geometry(cfg.model.name, cfg.model.revision, cfg.model.layers)
     notes = [f"tokens/passage {tpp:.1f}, measured with the model's tokenizer on {sampled:,} passages",
              f"corpus counts: {scan.counts.to_dict()}"]
-    dpr_geometry = None
-    if cfg.dpr is not None:
-        try:
-            dpr_geometry = model_geometry(cfg.dpr.model, cfg.dpr.revision)
-        except OSError as exc:  # a hub name with no hub: plan with BERT-base geometry, and say so
-            dpr_geometry = jobplan.ModelGeometry(hidden=768, intermediate=3072, layers=12)
-            notes.append(f"DPR model config unreadable here ({type(exc).__name__}); planned as BERT-base")
+    dpr_geometry, dpr_note = _dpr_geometry(cfg)
+    notes += [dpr_note] if dpr_note else []
     c = cfg.compression
     bits = c.bits if c.quantize != "none" else 16
     storage = estimate(Assumptions(passages=scan.n, tokens_per_passage=tpp, hidden=geometry.hidden, dims=c.dims,
@@ -76,13 +83,9 @@ def plan_delta(cfg: RunConfig, update, gpu: jobplan.GpuAssumptions) -> jobplan.J
     c = update.diff.counts()
     n = c["new"] + c["changed"]
     geometry = model_geometry(cfg.model.name, cfg.model.revision, cfg.model.layers)
-    dpr_geometry = None
-    if cfg.dpr is not None:
-        try:
-            dpr_geometry = model_geometry(cfg.dpr.model, cfg.dpr.revision)
-        except OSError:
-            dpr_geometry = jobplan.ModelGeometry(hidden=768, intermediate=3072, layers=12)
+    dpr_geometry, dpr_note = _dpr_geometry(cfg)
     written = n * update.bytes_per_passage
     basis = f"{update.bytes_per_passage:,.0f} B/passage as stored in version {update.parent}"
     return jobplan.encode_plan("update", n, cfg.execution.shard_size, update.tokens_per_passage, geometry, gpu,
-                               written, basis, dpr_geometry=dpr_geometry, notes=(f"diff: {c}",))
+                               written, basis, dpr_geometry=dpr_geometry,
+                               notes=(f"diff: {c}",) + ((dpr_note,) if dpr_note else ()))

@@ -73,7 +73,12 @@ def _embedding_dim(store: Store, shard: dict) -> int:
 
 def plan_reindex(cfg: ReindexConfig) -> JobPlan:
     store = Store(cfg.store, cfg.storage_options or {})
-    parent, dpr, dead = _parent(store)
+    return _plan(cfg, store, *_parent(store))
+
+
+def _plan(cfg: ReindexConfig, store: Store, parent: mf.Manifest, dpr: list[dict],
+          dead: dict[str, set[int]]) -> JobPlan:
+    """The plan, after checking the factory can be built over the live vectors."""
     paths = {s["path"] for s in dpr}
     live = sum(s["rows"] for s in dpr) - sum(len(ids) for path, ids in dead.items() if path in paths)
     dim = _embedding_dim(store, dpr[0])
@@ -96,7 +101,7 @@ def reindex(cfg: ReindexConfig) -> ReindexSummary:
     t0 = time.perf_counter()
     store = Store(cfg.store, cfg.storage_options or {})
     parent, dpr, dead = _parent(store)
-    plan_reindex(cfg)  # checks the factory against the live vectors before Ray starts
+    _plan(cfg, store, parent, dpr, dead)  # checks the factory against the live vectors before Ray starts
     init_ray(cfg.ray_address)
     spec = IndexSpec(cfg.store, cfg.storage_options or {}, cfg.factory, cfg.train_sample, cfg.nprobe, cfg.task_cpus)
     run_id = digest({"parent": parent.version, "factory": cfg.factory, "train_sample": cfg.train_sample})
