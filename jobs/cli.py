@@ -618,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--address", default=None, help="Ray address (default: start a local cluster)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--num-encoders", type=int, default=None, help="encoder actors (default: one per GPU, or 1)")
-    g.add_argument("--shard-size", type=int, default=1000, help="passages per shard file (default 1000)")
+    g.add_argument("--shard-size", type=int, default=None,
+                   help="passages per split, i.e. per shard file (default: about 16 splits, 1,000..10,000 each)")
     g.add_argument("--token-budget", type=int, default=None,
                    help="padded tokens per forward batch (default: 4096 on CPU, 65536 on GPU)")
     g.add_argument("--summary-json", default=None, help="also write the run summary here")

@@ -115,7 +115,7 @@ class ExecutionConfig:
     ray_address: str | None = None  # None: start a local cluster
     device: str = "auto"
     num_encoders: int | None = None  # default: one per GPU, else 1
-    shard_size: int = 1000  # passages per shard (one deterministic file each)
+    shard_size: int | None = None  # passages per split/shard; None: ~16 splits, clamped to 1k..10k (splits.py)
     token_budget: int | None = None  # padded tokens per forward batch; None = 4096 on CPU, 65536 on GPU
     row_group_size: int = 128
     task_cpus: float = 0.5  # CPUs declared by tokenise/write tasks (fractional: see DESIGN.md)
@@ -124,7 +124,7 @@ class ExecutionConfig:
 
     def __post_init__(self):
         _check_choice("device", self.device)
-        if self.shard_size < 1 or (self.token_budget is not None and self.token_budget < 1) or self.row_group_size < 1:
+        if (self.shard_size is not None and self.shard_size < 1) or (self.token_budget is not None and self.token_budget < 1) or self.row_group_size < 1:
             raise ConfigError("shard_size, token_budget and row_group_size must be positive")
 
 

@@ -12,6 +12,7 @@ from transformers import AutoConfig
 from pipeline import jobplan
 from pipeline.config import ModelConfig, RunConfig, resolve_model
 from pipeline.corpus import Corpus, CorpusScan
+from pipeline.splits import auto_rows_per_split
 from pipeline.tokenize import PairTokenizer, Tokenized, model_max_length
 from storage.estimate import Assumptions, estimate
 
@@ -74,7 +75,7 @@ def plan_run(cfg: RunConfig, gpu: jobplan.GpuAssumptions) -> jobplan.JobPlan:
                                    bits=bits, dpr_dim=dpr_geometry.hidden if dpr_geometry else 0))
     basis = (f"precompute estimate model, {bits}-bit codes in {'int8' if bits <= 8 else 'float16'}, zstd ratio "
              f"assumed 1.0 (conservative; `precompute estimate --sample-corpus` measures it)")
-    return jobplan.encode_plan("encode", scan.n, cfg.execution.shard_size, tpp, geometry, gpu, storage.total, basis,
+    return jobplan.encode_plan("encode", scan.n, cfg.execution.shard_size or auto_rows_per_split(scan.n), tpp, geometry, gpu, storage.total, basis,
                                dpr_geometry=dpr_geometry, notes=tuple(notes))
 
 
@@ -86,6 +87,6 @@ def plan_delta(cfg: RunConfig, update, gpu: jobplan.GpuAssumptions) -> jobplan.J
     dpr_geometry, dpr_note = _dpr_geometry(cfg)
     written = n * update.bytes_per_passage
     basis = f"{update.bytes_per_passage:,.0f} B/passage as stored in version {update.parent}"
-    return jobplan.encode_plan("update", n, cfg.execution.shard_size, update.tokens_per_passage, geometry, gpu,
+    return jobplan.encode_plan("update", n, cfg.execution.shard_size or 10_000, update.tokens_per_passage, geometry, gpu,
                                written, basis, dpr_geometry=dpr_geometry,
                                notes=(f"diff: {c}",) + ((dpr_note,) if dpr_note else ()))

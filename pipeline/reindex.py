@@ -96,7 +96,8 @@ def _plan(cfg: ReindexConfig, store: Store, parent: mf.Manifest, dpr: list[dict]
 
 
 def reindex(cfg: ReindexConfig) -> ReindexSummary:
-    from pipeline.run import IndexSpec, build_index_from, init_ray
+    from pipeline.encode import init_ray
+    from pipeline.index_build import IndexSpec, build_index_from
 
     t0 = time.perf_counter()
     store = Store(cfg.store, cfg.storage_options or {})

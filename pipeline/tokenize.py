@@ -1,7 +1,7 @@
 """Title/text pair tokenisation with the model's fast tokenizer, the way DPR feeds its encoder."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from transformers import AutoConfig, AutoTokenizer
@@ -16,6 +16,7 @@ class Tokenized:
     keep: np.ndarray  # False where the passage was skipped for length
     truncated: int
     skipped_too_long: int
+    truncated_rows: list[int] = field(default_factory=list)
 
 
 def model_max_length(model: ModelConfig) -> int:
@@ -46,6 +47,7 @@ class PairTokenizer:
         ids, types = enc["input_ids"], enc.get("token_type_ids")
         keep = np.ones(len(ids), dtype=bool)
         truncated = skipped = 0
+        truncated_rows = []
         for i, seq in enumerate(ids):
             if len(seq) <= self.max_length:
                 continue
@@ -59,8 +61,9 @@ class PairTokenizer:
             if types is not None:
                 types[i] = one["token_type_ids"]
             truncated += 1
+            truncated_rows.append(i)
         dtype = np.uint16 if self.vocab_size <= 65536 else np.uint32
         input_ids = [np.asarray(s, dtype=dtype) for s in ids]
         token_types = ([np.asarray(t, dtype=np.uint8) for t in types] if types is not None
                        else [np.zeros(len(s), np.uint8) for s in ids])
-        return Tokenized(input_ids, token_types, keep, truncated, skipped)
+        return Tokenized(input_ids, token_types, keep, truncated, skipped, truncated_rows)

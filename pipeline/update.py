@@ -149,14 +149,18 @@ class UpdateSummary:
 
 def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type | None = None) -> UpdateSummary:
     """Encode only new and changed passages, tombstone the rest, commit one version on top of the newest."""
+    import dataclasses
+
     from pipeline import run as runner
+    from pipeline.encode import encode_splits
+    from pipeline.sink import finished_markers, shard_entries
 
     t0 = time.perf_counter()
     store = Store(cfg.store, cfg.storage_options)
     corpus = Corpus(cfg.corpus, cfg.storage_options)
     parent, scan, plan = plan_update(store, corpus)
     comp = parent.artifacts["compressor"]
-    prep = runner.prepare(cfg, store, scan, (comp["path"], comp["sha256"], comp["bytes"]), run_dir=None)
+    prep = runner.prepare(cfg, store, (comp["path"], comp["sha256"], comp["bytes"]), run_dir=None)
     want, have = _comparable(prep.fingerprint), _comparable(parent.fingerprint)
     if want != have:
         keys = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
@@ -167,18 +171,23 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
     d = plan.diff
     run_id = digest({"fingerprint": prep.fingerprint, "parent": parent.version, "corpus": scan.digest,
                      "shard_size": cfg.execution.shard_size})
-    ctx = runner.with_run_dir(prep.ctx, f"runs/update-{run_id}")
+    ctx = dataclasses.replace(prep.ctx, run_dir=f"runs/update-{run_id}")
     encode = set(d.to_encode.tolist())
     n_delta = len(encode)
-    n_shards = math.ceil(n_delta / cfg.execution.shard_size) if n_delta else 0
-    markers, pending = runner.resume_markers(store, ctx.run_dir, n_shards)
+    n_shards = math.ceil(n_delta / (cfg.execution.shard_size or 10_000)) if n_delta else 0
+    markers = finished_markers(store, cfg.storage_options, ctx.run_dir, n_shards, cfg.execution.task_cpus)
+    pending = [k for k in range(n_shards) if k not in markers]
     log.info("update %s on version %d: %s; %d delta shards, %d already done", run_id, parent.version, d.counts(),
              n_shards, n_shards - len(pending))
     if pending:
-        runner.write_slices(store, corpus, scan, ctx.run_dir, cfg.execution, set(pending), keep_ids=encode)
-        markers.update(runner.encode_shards(ctx, pending, encode_stage))
+        write_slices(store, corpus, scan, ctx.run_dir, cfg.execution, set(pending), keep_ids=encode)
+        done, _ = encode_splits(ctx, [{"index": k} for k in pending], encode_stage)
+        markers.update({int(m["shard"]): m for m in done})
+        missing = [k for k in pending if k not in markers]
+        if missing:
+            raise RuntimeError(f"delta shards {missing[:10]} produced no output; rerun to retry them")
     ordered = [markers[k] for k in range(n_shards)]
-    delta_shards = runner.shard_entries(ordered)
+    delta_shards = shard_entries(ordered)
 
     # tombstones: the old rows of changed and deleted ids, in the shards that hold them
     dead = load_tombstones(store, parent)
@@ -221,7 +230,7 @@ def _update_index(cfg, store: Store, run_dir: str, parent: mf.Manifest, d: Diff,
                   all_shards: list[dict], dead: dict[str, set[int]], rebuild_fraction: float) -> tuple[dict, str]:
     """Remove changed/deleted ids and add the delta; rebuild from scratch past `rebuild_fraction`."""
     from pipeline import index as fx
-    from pipeline.run import _read_embeddings
+    from pipeline.index_build import read_embeddings as _read_embeddings
 
     entry = parent.artifacts["dpr_index"]
     touched = d.changed.size + d.new.size + d.deleted.size
@@ -249,3 +258,32 @@ def _update_index(cfg, store: Store, run_dir: str, parent: mf.Manifest, d: Diff,
     store.write_bytes(rel, data)
     log.info("index %s", action)
     return {**entry, "path": rel, "sha256": sha256_bytes(data), "bytes": len(data), "ntotal": int(index.ntotal)}, action
+
+
+def write_slices(store: Store, corpus: Corpus, scan, run_dir: str, execution, todo: set[int],
+                 keep_ids: set[int]) -> None:
+    """Staged input slices of the passages to encode: slice k holds rows [k*S, (k+1)*S) of `keep_ids`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.stages import input_path
+    from storage.shards import write_shard
+
+    log.info("writing %d input slices", len(todo))
+    size = execution.shard_size or 10_000
+    wanted = pa.array(sorted(keep_ids), pa.int64())
+
+    def chunks():
+        buf = None
+        for table in corpus.batches(scan, 4096):
+            table = table.filter(pc.is_in(table.column("id"), value_set=wanted))
+            buf = table if buf is None else pa.concat_tables([buf, table])
+            while buf.num_rows >= size:
+                yield buf.slice(0, size)
+                buf = buf.slice(size)
+        if buf is not None and buf.num_rows:
+            yield buf
+
+    for k, table in enumerate(chunks()):
+        if k in todo:
+            write_shard(store, input_path(run_dir, k), table, None, execution.row_group_size)

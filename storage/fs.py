@@ -137,10 +137,13 @@ class Store:
     def list(self, rel_dir: str) -> list[FileInfo]:
         """Files directly under `rel_dir` (empty if it does not exist)."""
         base = self.full(rel_dir)
+        self.fs.invalidate_cache(base)
         try:
             entries = self.fs.ls(base, detail=True)
         except FileNotFoundError:
             return []
+        finally:
+            self.fs.invalidate_cache(base)  # see walk_files
         out = []
         for e in entries:
             if e.get("type") == "file":
@@ -149,9 +152,16 @@ class Store:
 
     def walk_files(self, rel_dir: str = "") -> list[FileInfo]:
         base = self.full(rel_dir)
-        if not self.fs.exists(base):
-            return []
-        found = self.fs.find(base, detail=True)
+        # A listing is always fresh and leaves nothing cached: s3fs keeps listings in a per-process
+        # directory cache, and a directory listed while workers (other processes) were still writing
+        # into it would later make their files look missing to this process (size, open, exists).
+        self.fs.invalidate_cache(base)
+        try:
+            if not self.fs.exists(base):
+                return []
+            found = self.fs.find(base, detail=True)
+        finally:
+            self.fs.invalidate_cache(base)
         return sorted(
             (FileInfo(self.relative(name), int(info.get("size") or 0)) for name, info in found.items()
              if info.get("type") == "file"),

@@ -1,0 +1,97 @@
+"""The Ray Data flow for encoding splits: prepare (read, check, tokenise) -> encode -> ShardSink.
+
+One split is one block from start to end: block shaping is switched off for this dataset, so Ray
+never cuts or merges a split between stages, and the sink checks the row count it receives.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable
+
+from pipeline.corpus import CorpusError
+from pipeline.ingest import PrepareStage
+from pipeline.sink import ShardSink
+from pipeline.stages import EncodeStage, StageContext
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(logging_level=logging.WARNING, include_dashboard=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = False
+
+
+def cluster_gpus() -> int:
+    import ray
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def encode_splits(ctx: StageContext, splits: list[dict], encode_stage: type | None = None,
+                  on_complete: Callable[[list[dict]], Any] | None = None) -> tuple[list[dict], Any]:
+    """Encode `splits` and write their shards; returns (the markers written now, on_complete's result)."""
+    import ray
+
+    init_ray(ctx.execution.ray_address)
+    encode_stage = encode_stage or EncodeStage
+    ex = ctx.execution
+    gpus = cluster_gpus() if ex.device != "cpu" else 0
+    n_enc = ex.num_encoders or max(1, gpus)
+    data_ctx = ray.data.DataContext.get_current()
+    saved = data_ctx.target_max_block_size, data_ctx.raise_original_map_exception
+    data_ctx.target_max_block_size = None  # one split = one block, end to end
+    data_ctx.raise_original_map_exception = True  # a CorpusError from a worker stays a CorpusError
+    try:
+        ds = ray.data.from_items([{"split_json": json.dumps(s)} for s in splits], override_num_blocks=len(splits))
+        ds = ds.map_batches(PrepareStage, fn_constructor_kwargs={"ctx": ctx}, batch_size=1, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=prepare_actors(ex, n_enc)),
+                            num_cpus=ex.task_cpus)
+        # Ray Data restarts dead actors and retries their splits.
+        ds = ds.map_batches(encode_stage, fn_constructor_kwargs={"ctx": ctx}, batch_size=None,
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_enc),
+                            num_cpus=ex.encoder_cpus, num_gpus=1 if gpus else 0)
+        sink = ShardSink(ctx, on_complete)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": ex.task_cpus})
+    except Exception as exc:
+        cause = worker_cause(exc, (CorpusError,))
+        if cause is not None:  # a bad corpus row found by a worker: the same one-line error as on the driver
+            raise cause from None
+        raise
+    finally:
+        data_ctx.target_max_block_size, data_ctx.raise_original_map_exception = saved
+    return sink.markers, sink.result
+
+
+def prepare_actors(ex, n_encoders: int) -> int:
+    """Readers/tokenisers the cluster's CPUs allow next to the encoders and one write task: reading
+    and checking the corpus scales with the cluster, not with the number of GPUs."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    spare = cpus - n_encoders * ex.encoder_cpus - ex.task_cpus
+    return max(1, int(spare // ex.task_cpus))
+
+
+def worker_cause(exc: BaseException, types: tuple[type, ...]) -> BaseException | None:
+    """The product error behind Ray's wrappers (RayTaskError(CorpusError), UserCodeException), if any."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(e, types):
+            return cause if isinstance(cause, types) else e
+        todo += [cause, e.__cause__, e.__context__]
+    return None

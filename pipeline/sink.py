@@ -1,0 +1,166 @@
+"""Where encoded splits become shards: a Ray Data `Datasink`, and the markers that make resume cheap.
+
+Write tasks pack and write each split's state (and DPR) shard, then its marker, and return the
+marker: a few hundred bytes of paths, counts and checksums, never data. `on_write_complete` runs
+once on the driver with every marker and hands them to the commit (lance-ray's datasink pattern).
+A marker is written after its shard, so a marker whose sizes match the listing proves a finished
+split (datatrove's completion markers).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from ray.data.datasource import Datasink
+
+from pipeline.pack import Packer
+from pipeline.stages import (StageContext, dpr_path, dpr_schema, marker_path, shard_metadata, shard_of,
+                             split_meta, state_path)
+from storage.fs import Store
+from storage.shards import state_schema, write_shard
+
+log = logging.getLogger(__name__)
+
+MARKER_KEYS = ("path", "kind", "rows", "bytes", "sha256", "id_min", "id_max")
+
+
+class ShardSink(Datasink):
+    """Writes one state shard (and DPR shard) per split; commits once through `on_complete`."""
+
+    def __init__(self, ctx: StageContext, on_complete: Callable[[list[dict]], Any] | None = None):
+        self.ctx = ctx
+        self._on_complete = on_complete
+        self.result: Any = None
+        self.markers: list[dict] = []
+
+    def __getstate__(self):  # the commit callback lives on the driver; write tasks never need it
+        state = dict(self.__dict__)
+        state["_on_complete"] = None
+        return state
+
+    def get_name(self) -> str:
+        return "ShardSink"
+
+    def write(self, blocks: Iterable[pa.Table], ctx) -> list[dict]:
+        store = self.ctx.store()
+        packer = Packer(self.ctx.compression.zstd_level)
+        out = []
+        for block in blocks:
+            if block.num_rows == 0 or "split_meta" not in block.column_names:
+                continue
+            splits = block.column("split").to_numpy()
+            for k in np.unique(splits):
+                part = block.filter(pc.equal(block.column("split"), pa.scalar(int(k), pa.int32())))
+                out.append(self._write_split(store, packer, int(k), part))
+        return out
+
+    def _write_split(self, store: Store, packer: Packer, shard: int, table: pa.Table) -> dict:
+        meta = split_meta(table)
+        if table.num_rows != meta["passages_in"]:
+            raise RuntimeError(f"split {shard} reached the writer with {table.num_rows} of its "
+                               f"{meta['passages_in']} passages; blocks must not be split between stages")
+        t0 = time.perf_counter()
+        keep = table.column("keep")
+        too_long_ids = table.filter(pc.invert(keep)).column("id").to_pylist()  # rare: kept for the duplicate check
+        table = table.filter(keep)
+        raw = table.column("raw_codes").to_pylist()
+        packed = [packer.pack(r) for r in raw]
+        quantized = self.ctx.compression.quantize != "none"
+        schema = state_schema(meta["vocab_size"], quantized)
+        states = pa.Table.from_arrays([
+            table.column("id"), table.column("content_hash"), table.column("n_tokens"),
+            table.column("token_ids").cast(schema.field("token_ids").type),
+            table.column("scales"), pa.array(packed, pa.binary()),
+        ], schema=schema)
+        shard_file = write_shard(store, state_path(self.ctx.run_dir, shard), states, shard_metadata(self.ctx),
+                                 self.ctx.execution.row_group_size)
+        dpr_file = None
+        if "dpr_embedding" in table.column_names:
+            dpr_file = self._write_dpr(store, shard, table, meta["dpr_dim"])
+        marker = {**shard_file.to_dict(), "kind": "states", "shard": shard,
+                  "dpr": dpr_file.to_dict() if dpr_file else None,
+                  "passages_in": meta["passages_in"], "truncated": meta["truncated"],
+                  "skipped_too_long": meta["skipped_too_long"], "too_long_ids": too_long_ids, "tokens": meta["tokens"],
+                  "padded_tokens": meta["padded_tokens"], "encode_seconds": meta["encode_seconds"],
+                  "raw_code_bytes": int(sum(len(r) for r in raw)), "read": meta.get("read"),
+                  "digest": meta.get("digest", ""), "write_seconds": time.perf_counter() - t0,
+                  "finished_at": time.time()}
+        store.write_bytes(marker_path(self.ctx.run_dir, shard), json.dumps(marker).encode())
+        return marker
+
+    def _write_dpr(self, store: Store, shard: int, table: pa.Table, dim: int):
+        schema = dpr_schema(dim, self.ctx.dpr.dtype)
+        emb = table.column("dpr_embedding").combine_chunks().cast(schema.field("embedding").type)
+        out = pa.Table.from_arrays([table.column("id"), table.column("title"), emb], schema=schema)
+        md = {"dpr_model": self.ctx.fingerprint["dpr"]["model"], "pooling": self.ctx.fingerprint["dpr"]["pooling"],
+              "dim": dim, "dtype": self.ctx.dpr.dtype, "schema_version": shard_metadata(self.ctx)["schema_version"]}
+        return write_shard(store, dpr_path(self.ctx.run_dir, shard), out, md, self.ctx.execution.row_group_size)
+
+    def on_write_complete(self, write_result) -> None:
+        self.markers = [m for task in write_result.write_returns for m in (task or [])]
+        if self._on_complete is not None:
+            self.result = self._on_complete(self.markers)
+
+
+def shard_entries(ordered: list[dict]) -> list[dict]:
+    """Manifest entries for the markers, states then DPR; a split that kept nothing has no file."""
+    shards = [{k: m[k] for k in MARKER_KEYS} for m in ordered if m.get("path")]
+    shards += [{**{k: m["dpr"][k] for k in MARKER_KEYS if k != "kind"}, "kind": "dpr"}
+               for m in ordered if m.get("dpr")]
+    return shards
+
+
+# ---------------------------------------------------------------- resume
+
+def _marker_ok(marker: dict, sizes: dict[str, int]) -> bool:
+    """A size check against the listing is enough to reuse a shard; `verify` does the sha256."""
+    for entry in (marker, marker.get("dpr")):
+        if entry is None or entry.get("path") is None:
+            continue
+        if sizes.get(entry["path"]) != entry["bytes"]:
+            return False
+    return True
+
+
+def read_markers_task(store_url: str, storage_options: dict, paths: list[str], sizes: dict[str, int]) -> list[dict]:
+    """Markers of a group of splits whose files the listing shows with their recorded sizes."""
+    store = Store(store_url, storage_options)
+    out = []
+    for p in paths:
+        try:
+            marker = json.loads(store.read_bytes(p))
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            continue  # torn or foreign marker: redo the split
+        if isinstance(marker, dict) and _marker_ok(marker, sizes):
+            out.append(marker)
+    return out
+
+
+def finished_markers(store: Store, storage_options: dict, run_dir: str, n_splits: int, task_cpus: float,
+                     only: list[int] | None = None, group: int = 256) -> dict[int, dict]:
+    """One listing of the run directory finds the finished splits; Ray tasks read their markers."""
+    import ray
+
+    listing = {f.path: f.size for f in store.walk_files(run_dir)}
+    splits = range(n_splits) if only is None else only
+    wanted = [marker_path(run_dir, k) for k in splits if marker_path(run_dir, k) in listing]
+    if not wanted:
+        return {}
+    task = ray.remote(num_cpus=task_cpus)(read_markers_task)
+    refs = []
+    for i in range(0, len(wanted), group):
+        paths = wanted[i:i + group]
+        ks = [shard_of(p) for p in paths]
+        sizes = {p: s for k in ks for p in (state_path(run_dir, k), dpr_path(run_dir, k)) if (s := listing.get(p))
+                 is not None}
+        refs.append(task.remote(store.url, storage_options, paths, sizes))
+    done: dict[int, dict] = {}
+    for part in ray.get(refs):
+        for m in part:
+            done[int(m["shard"])] = m
+    return done
