@@ -48,6 +48,8 @@ def ray_local():
     """One local Ray cluster for the whole session (starting one costs ~6 s here)."""
     import ray
 
+    if ray.is_initialized():  # a CLI test ran `precompute run` in this process, which starts Ray itself
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()

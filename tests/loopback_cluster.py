@@ -45,9 +45,14 @@ class LoopbackCluster:
         return [str(Path(sys.executable).parent / "ray"), *args]
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+        # Every agent port is a free one: the defaults (52365 for the job agent) collide with any other
+        # Ray on this machine, e.g. a test session's local cluster, and then no job can be submitted.
+        agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                       f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
         with open(self.workdir / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
             return subprocess.Popen(self._ray("start", "--block", "--node-ip-address=127.0.0.1",
-                                              "--object-store-memory=300000000", "--disable-usage-stats", *args),
+                                              "--object-store-memory=300000000", "--disable-usage-stats",
+                                              *agent_ports, *args),
                                     env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start(self, timeout_s: float = 120) -> None:
@@ -60,8 +65,18 @@ class LoopbackCluster:
         self._wait_nodes(2, timeout_s)
 
     def cli(self, *args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(self._ray(*args), env=self.env, cwd=cwd, capture_output=True, text=True, check=check,
-                              timeout=120)
+        """`ray ARGS`. A job submission is retried (bounded) while the head's job agent is still starting:
+        it answers "No available agent to submit job" for a while after the nodes are alive."""
+        deadline = time.time() + 120
+        while True:
+            out = subprocess.run(self._ray(*args), env=self.env, cwd=cwd, capture_output=True, text=True,
+                                 check=False, timeout=120)
+            if out.returncode and "No available agent" in out.stderr and time.time() < deadline:
+                time.sleep(3)
+                continue
+            if check:
+                out.check_returncode()
+            return out
 
     def _state(self, kind: str, *args: str) -> list[dict]:
         """`ray list KIND` as records; [] while the dashboard is not up (or says "No resource")."""

@@ -56,7 +56,9 @@ def test_job_survives_losing_a_node_and_commits_every_passage_once(cluster, tmp_
     deadline = time.time() + 400
     while time.time() < deadline:
         status = cluster.job_status("enc-1")
-        assert status in ("PENDING", "RUNNING"), f"job ended before the node was stopped: {status}"
+        if status not in ("PENDING", "RUNNING"):
+            logs = cluster.cli("job", "logs", "--address", cluster.address, "enc-1", check=False).stdout
+            pytest.fail(f"job ended before the node was stopped: {status}\n{logs[-4000:]}")
         if _markers(store) >= 1:
             on_worker = [a for a in cluster.actors_on(worker_id) if "Stage" in a]
             if on_worker:

@@ -14,7 +14,7 @@ from jobs.cli import main as cli
 from pipeline.config import CompressionConfig, CorpusConfig, ExecutionConfig, ModelConfig, RunConfig
 from pipeline.reader import StateReader
 from pipeline.run import run
-from pipeline.stages import EncodeStage, from_envelope
+from pipeline.stages import EncodeStage
 from storage import manifest as mf
 from storage.fs import Store
 from tests.conftest import REPO, S3_SECRET
@@ -38,7 +38,7 @@ class CrashOnceEncodeStage(EncodeStage):
 
     def __call__(self, batch):
         flag = os.environ.get("CRASH_FLAG") or self.ctx.store_url + "/../crash.flag"
-        for shard, _ in from_envelope(batch):
+        for shard in set(batch.column("split").to_pylist()):
             if shard == 2 and not os.path.exists(flag):
                 open(flag, "w").close()
                 os._exit(1)
@@ -58,6 +58,19 @@ def test_worker_killed_mid_encoding_still_commits_every_passage_once(ray_local, 
     s = Store(store)
     assert StateReader(s).ids().tolist() == list(range(1, N_PASSAGES + 1))
     assert mf.verify(s, mf.load(s)).ok
+
+
+def _settled_marker_count(store: Store, quiet_s: float = 5.0, limit_s: float = 60.0) -> int:
+    """Markers once none has appeared for quiet_s: the killed driver's workers can finish a write after it dies."""
+    count, since, start = -1, time.time(), time.time()
+    while time.time() - start < limit_s:
+        now = len([f for f in store.walk_files("runs") if f.path.endswith(".done.json")])
+        if now != count:
+            count, since = now, time.time()
+        elif time.time() - since >= quiet_s:
+            break
+        time.sleep(0.5)
+    return count
 
 
 def test_driver_sigkill_then_rerun_equals_an_uninterrupted_run(ray_local, tmp_path, tiny_model, sample_tsv):
@@ -80,12 +93,13 @@ def test_driver_sigkill_then_rerun_equals_an_uninterrupted_run(ray_local, tmp_pa
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert mf.latest_version(store) is None  # nothing committed by the killed driver
-    done_at_kill = len([f for f in store.walk_files("runs") if f.path.endswith(".done.json")])
+    done_at_kill = _settled_marker_count(store)
     assert 2 <= done_at_kill < N_PASSAGES // SHARD
 
     resumed = run(_cfg(killed, tiny_model, sample_tsv))
-    assert resumed.shards_resumed == done_at_kill
-    assert resumed.passages_encoded_this_run == N_PASSAGES - done_at_kill * SHARD
+    # a write task already in flight when the driver died may land one more marker; resume reuses what it lists
+    assert done_at_kill <= resumed.shards_resumed < N_PASSAGES // SHARD
+    assert resumed.passages_encoded_this_run == N_PASSAGES - resumed.shards_resumed * SHARD
 
     reference = str(tmp_path / "reference")
     full = run(_cfg(reference, tiny_model, sample_tsv))

@@ -186,7 +186,7 @@ def test_first_sentence_finds_its_passage_in_the_top_5(sample_store):
 
 def test_approximate_index_recall_at_10_against_flat(sample_store):
     from pipeline import index as fx
-    from pipeline.run import _read_embeddings
+    from pipeline.index_build import read_embeddings as _read_embeddings
     from pipeline.search import Searcher
     cfg, _ = sample_store
     store = Store(cfg.store)

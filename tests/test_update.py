@@ -10,7 +10,7 @@ from pipeline.config import CompressionConfig, CorpusConfig, DprConfig, Executio
 from pipeline.reader import StateReader
 from pipeline.run import run
 from pipeline.search import Searcher
-from pipeline.stages import EncodeStage, from_envelope
+from pipeline.stages import EncodeStage
 from pipeline.update import FingerprintMismatch, diff, run_update
 from storage import manifest as mf
 from storage.fs import Store
@@ -49,7 +49,7 @@ def _cfg(store, corpus, tiny_model, compressor=None, layers=2):
 
 class FailingEncodeStage(EncodeStage):
     def __call__(self, batch):
-        for shard, _ in from_envelope(batch):
+        for shard in set(batch.column("split").to_pylist()):
             if shard == 0:
                 raise RuntimeError("injected failure in the middle of an update")
         return super().__call__(batch)
