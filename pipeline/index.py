@@ -7,11 +7,13 @@ its sha256 matches the manifest.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
+from pipeline import index_plan
 from pipeline.config import ConfigError
 from storage.fs import IntegrityError, Store
 
@@ -45,7 +47,12 @@ def _check_lists(ivf, n_train: int) -> None:
 
 def check_factory(factory: str, dim: int, n_vectors: int, train_sample: int) -> None:
     """Fail before any encoding or Ray work if this factory cannot be built over these vectors."""
-    _check_lists(faiss.try_extract_index_ivf(new_index(factory, dim)), min(n_vectors, train_sample))
+    ivf = faiss.try_extract_index_ivf(new_index(factory, dim))
+    if ivf is None:
+        refusal = index_plan.whole_index_refusal(factory, n_vectors, dim)
+        if refusal:
+            raise ConfigError(refusal)
+    _check_lists(ivf, index_plan.train_size(ivf.nlist if ivf is not None else None, n_vectors, train_sample))
 
 
 def train(index: faiss.Index, sample: np.ndarray) -> faiss.Index:
@@ -104,8 +111,10 @@ def _vectors_of(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
     return ids, vecs
 
 
-def index_ids(index: faiss.Index) -> np.ndarray:
+def index_ids(index) -> np.ndarray:
     """Every passage id the index holds (to check it against the manifest)."""
+    if isinstance(index, LiveIndex):
+        return index.ids()
     idx = faiss.downcast_index(index)
     if isinstance(idx, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         return np.sort(faiss.vector_to_array(idx.id_map).astype(np.int64))
@@ -119,7 +128,9 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     return np.sort(np.concatenate(out)) if out else np.empty(0, np.int64)
 
 
-def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+def set_nprobe(index, nprobe: int) -> None:
+    if isinstance(index, LiveIndex):
+        return index.set_nprobe(nprobe)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = max(1, min(nprobe, ivf.nlist))
@@ -128,9 +139,145 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
         hnsw.hnsw.efSearch = max(hnsw.hnsw.efSearch, 4 * nprobe)
 
 
-def load_checked(store: Store, entry: dict) -> faiss.Index:
-    """Deserialise only after the bytes match the manifest's size and sha256."""
-    return from_bytes(store.read_verified(entry))
+ONDISK = "ivf-ondisk"  # entry["format"]: header + on-disk inverted lists (+ delta, removed ids)
+
+
+def is_ivf(index: faiss.Index) -> bool:
+    return isinstance(faiss.try_extract_index_ivf(index), faiss.IndexIVF)
+
+
+def factory_nlist(factory: str, dim: int) -> int | None:
+    """The number of inverted lists a factory has, or None if it has none (Flat, HNSW...)."""
+    ivf = faiss.try_extract_index_ivf(new_index(factory, dim))
+    return int(ivf.nlist) if ivf is not None else None
+
+
+def merge_ondisk(trained: faiss.Index, part_paths: list[str], lists_path: str) -> faiss.Index:
+    """Merge the inverted lists of IVF part files into one on-disk file; the parts are mmapped, not loaded.
+
+    The returned index holds only the header (quantizer, codec); its lists live in `lists_path`."""
+    from faiss.contrib.ondisk import merge_ondisk as _merge
+
+    _merge(trained, part_paths, lists_path)
+    return trained
+
+
+def read_ondisk(header_path: str) -> faiss.Index:
+    """Open a merged index whose lists file sits next to the header, memory-mapped.
+
+    faiss printf()s the relocated lists path on stdout, which is the CLI's output: it goes to stderr."""
+    import ctypes
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        return faiss.read_index(header_path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+    finally:
+        ctypes.CDLL(None).fflush(None)  # C's buffer, before fd 1 is the real stdout again
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+class LiveIndex:
+    """A committed index as search sees it: the base, minus ids removed since it was built, plus a delta.
+
+    The delta is a small index over the passages added or changed by updates (the same trained
+    quantizer and codec, so scores compare); `compact` folds both into a new base."""
+
+    def __init__(self, base: faiss.Index, delta: faiss.Index | None = None, removed: np.ndarray | None = None):
+        self.base, self.delta = base, delta
+        self.removed = np.unique(np.asarray(removed if removed is not None else [], dtype=np.int64))
+        self.d = base.d
+        self._nprobe = 1
+        self._selector = None
+        if self.removed.size:
+            self._batch = faiss.IDSelectorBatch(self.removed)
+            self._selector = faiss.IDSelectorNot(self._batch)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.ids().size)
+
+    def set_nprobe(self, nprobe: int) -> None:
+        for idx in (self.base, self.delta):
+            if idx is not None:
+                set_nprobe(idx, nprobe)
+        ivf = faiss.try_extract_index_ivf(self.base)
+        self._nprobe = ivf.nprobe if ivf is not None else nprobe
+
+    def _params(self):
+        if self._selector is None:
+            return None
+        if is_ivf(self.base):
+            return faiss.SearchParametersIVF(sel=self._selector, nprobe=self._nprobe)
+        return faiss.SearchParameters(sel=self._selector)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        scores, ids = self.base.search(q, k, params=self._params())
+        if self.delta is None or self.delta.ntotal == 0:
+            return scores, ids
+        ds, di = self.delta.search(q, k)
+        scores, ids = np.hstack([scores, ds]), np.hstack([ids, di])
+        scores = np.where(ids >= 0, scores, -np.inf)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+        return np.where(ids >= 0, scores, -np.inf).astype(np.float32), ids
+
+    def ids(self) -> np.ndarray:
+        base = index_ids(self.base)
+        if self.removed.size:
+            base = base[~np.isin(base, self.removed)]
+        delta = index_ids(self.delta) if self.delta is not None else np.empty(0, np.int64)
+        return np.sort(np.concatenate([base, delta]))
+
+
+def removed_ids(store: Store, entry: dict | None) -> np.ndarray:
+    """The ids an update hid from the base index (checked against the manifest), sorted."""
+    if entry is None:
+        return np.empty(0, np.int64)
+    import io
+    return np.load(io.BytesIO(store.read_verified(entry)), allow_pickle=False)
+
+
+def load_checked(store: Store, entry: dict, cache_dir: str | None = None) -> LiveIndex:
+    """Open a committed index only after every file of it matches the manifest's size and sha256.
+
+    A whole index is deserialised; an on-disk one is memory-mapped where it lies (a local store) or
+    from a verified copy in `cache_dir` (an object store), so search does not load its lists."""
+    if entry.get("format") != ONDISK:
+        return LiveIndex(from_bytes(store.read_verified(entry)))
+    header = _local_verified(store, entry, cache_dir)
+    lists = _local_verified(store, entry["lists"], cache_dir, beside=header)
+    if os.path.dirname(lists) != os.path.dirname(header):
+        raise IndexIntegrityError(f"{entry['path']}: its lists file must sit in the same directory")
+    base = read_ondisk(header)
+    delta = from_bytes(store.read_verified(entry["delta"])) if "delta" in entry else None
+    return LiveIndex(base, delta, removed_ids(store, entry.get("removed")))
+
+
+def _local_verified(store: Store, entry: dict, cache_dir: str | None, beside: str | None = None) -> str:
+    """A local path holding entry's file, checked against its sha256 (hashing streams, nothing is loaded)."""
+    local = store.local_path(entry["path"])
+    if local is not None:
+        store.check_file(entry)
+        return local
+    root = os.path.dirname(beside) if beside else os.path.join(cache_dir or _default_cache(), entry["sha256"][:24])
+    os.makedirs(root, exist_ok=True)
+    target = os.path.join(root, entry["path"].rsplit("/", 1)[-1])
+    if os.path.exists(target) and os.path.getsize(target) == entry["bytes"] \
+            and Store(root).sha256(os.path.basename(target)) == entry["sha256"]:
+        return target  # a verified copy from an earlier open
+    log.info("copying %s (%.1f MB) to %s", entry["path"], entry["bytes"] / 1e6, target)
+    store.download_verified(entry, target)
+    return target
+
+
+def _default_cache() -> str:
+    return os.environ.get("PRECOMPUTE_INDEX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                      "decoupled-precompute", "index")
 
 
 @dataclass

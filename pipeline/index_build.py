@@ -1,24 +1,42 @@
-"""The FAISS index over a version's DPR shards: trained on the driver, parts added as Ray tasks.
+"""The FAISS index over a version's DPR shards, built on the workers; the driver plans and commits.
 
-(Issue: at 32M this still gathers parts into the driver; see the index issue for the on-disk merge.)
+IVF factories: Ray tasks draw a uniform sample of the vectors; one task trains (on a GPU when
+faiss sees one) and writes the trained index; one task loads it into the object store once; tasks
+add groups of shards into IVF parts and write them to the store; one task merges the parts'
+inverted lists on its local disk (faiss' OnDiskInvertedLists, parts memory-mapped) and streams
+the merged lists up while hashing them. Every task returns paths, counts and checksums.
+Flat and HNSW have no lists to merge: one task builds them whole, up to WHOLE_INDEX_MAX_VECTORS.
+
+An update adds a small delta index and a list of ids hidden from the base (cost follows the
+change); `compact` and `precompute index` rebuild through the same build.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline import index_plan
 from pipeline.config import RunConfig, digest
-from storage.fs import Store, sha256_bytes
+from storage.fs import IntegrityError, Store, sha256_bytes
+from storage.manifest import artifact_files
 
 log = logging.getLogger(__name__)
 
 
+class IndexBuildError(RuntimeError):
+    """The index could not be built (disk, counts); nothing was committed."""
+
+
 def read_embeddings(store_url: str, storage_options: dict, path: str,
-                     dead: frozenset[int] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
+                    dead: frozenset[int] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
     """(ids, float32 vectors) of one DPR shard, without the rows tombstoned in it."""
     from storage.shards import read_rows
 
@@ -33,24 +51,146 @@ def read_embeddings(store_url: str, storage_options: dict, path: str,
     return ids, vecs
 
 
-def _index_part_task(store_url: str, storage_options: dict, path: str, trained: bytes,
-                     dead: frozenset[int]) -> tuple[bytes, int]:
-    from pipeline import index as fx
-
-    ids, vecs = read_embeddings(store_url, storage_options, path, dead)
-    return fx.add_part(trained, ids, vecs), len(ids)
-
-
 @dataclass(frozen=True)
 class IndexSpec:
-    """What to build and where the embeddings are; the same for a run, an update rebuild or a reindex."""
+    """What to build and where the embeddings are; the same for a run, an update, a reindex or compact."""
     store_url: str
     storage_options: dict
     factory: str
     train_sample: int
     nprobe: int
     task_cpus: float = 0.5
+    part_rows: int = 1_000_000   # vectors per IVF part (one worker holds one part in memory)
+    seed: int = 0                # of the training sample
 
+    def store(self) -> Store:
+        return Store(self.store_url, self.storage_options)
+
+
+# ---------------------------------------------------------------- worker tasks
+
+def _write_local_index(store: Store, index, rel: str) -> dict:
+    import faiss
+
+    with tempfile.TemporaryDirectory(prefix="faiss-") as tmp:
+        local = os.path.join(tmp, rel.rsplit("/", 1)[-1])
+        faiss.write_index(index, local)
+        return store.upload_file(local, rel)
+
+
+def _sample_task(spec: IndexSpec, picks: list[tuple[str, list[int], frozenset[int]]], rel: str) -> dict:
+    """The sampled rows of a group of shards, written as one .npy (tombstoned rows dropped)."""
+    pieces = []
+    for path, positions, dead in picks:
+        ids, vecs = read_embeddings(spec.store_url, spec.storage_options, path)
+        pos = np.asarray(positions, dtype=np.int64)
+        if dead:
+            pos = pos[~np.isin(ids[pos], np.fromiter(dead, dtype=np.int64))]
+        pieces.append(vecs[pos])
+    x = np.concatenate(pieces)
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    spec.store().write_bytes(rel, buf.getvalue())
+    return {"path": rel, "rows": int(len(x))}
+
+
+def _train_task(spec: IndexSpec, sample_paths: list[str], dim: int, rel: str) -> dict:
+    from pipeline import index as fx
+
+    store = spec.store()
+    x = np.concatenate([np.load(io.BytesIO(store.read_bytes(p)), allow_pickle=False) for p in sample_paths])
+    index = fx.train(fx.new_index(spec.factory, dim), x)
+    return {**_write_local_index(store, index, rel), "vectors": int(len(x)), "gpu": bool(fx.gpu_count())}
+
+
+def _load_trained_task(spec: IndexSpec, trained: dict) -> bytes:
+    """The trained index's bytes as this task's result: it lives in the object store, not the driver."""
+    return spec.store().read_verified(trained)
+
+
+def _add_task(spec: IndexSpec, trained: bytes, shards: list[tuple[str, frozenset[int]]], rel: str) -> dict:
+    from pipeline import index as fx
+
+    index = fx.from_bytes(trained)
+    for path, dead in shards:
+        ids, vecs = read_embeddings(spec.store_url, spec.storage_options, path, dead)
+        if len(ids):
+            index.add_with_ids(np.ascontiguousarray(vecs), np.ascontiguousarray(ids, dtype=np.int64))
+    return {**_write_local_index(spec.store(), index, rel), "ntotal": int(index.ntotal)}
+
+
+def merge_disk_needed(part_bytes: int, local_store: bool) -> int:
+    """Local disk a merge needs: the merged lists (about the parts' size), plus the parts if downloaded."""
+    return int(part_bytes * (1.1 if local_store else 2.2)) + (64 << 20)
+
+
+def _merge_task(spec: IndexSpec, trained: dict, parts: list[dict], header_rel: str, lists_rel: str) -> dict:
+    """Merge the parts' inverted lists on this worker's disk; each part is checked before faiss opens it."""
+    import faiss
+
+    from pipeline import index as fx
+
+    store = spec.store()
+    base = fx.from_bytes(store.read_verified(trained))
+    with tempfile.TemporaryDirectory(prefix="faiss-merge-") as tmp:
+        need = merge_disk_needed(sum(p["bytes"] for p in parts), store.is_local)
+        free = shutil.disk_usage(tmp).free
+        if free < need:
+            raise IndexBuildError(f"merging the index needs ~{need / 1e9:.1f} GB of local disk under {tmp}, "
+                                  f"{free / 1e9:.1f} GB is free; point TMPDIR at a larger disk on the workers")
+        local_parts = []
+        for k, part in enumerate(parts):
+            local = store.local_path(part["path"])
+            if local is None:
+                local = os.path.join(tmp, f"part-{k:05d}.faiss")
+                store.download_verified(part, local)
+            else:
+                store.check_file(part)
+            local_parts.append(local)
+        lists_local = os.path.join(tmp, lists_rel.rsplit("/", 1)[-1])
+        header_local = os.path.join(tmp, header_rel.rsplit("/", 1)[-1])
+        merged = fx.merge_ondisk(base, local_parts, lists_local)
+        ntotal = int(merged.ntotal)
+        faiss.write_index(merged, header_local)
+        del merged, base
+        lists = store.upload_file(lists_local, lists_rel)
+        header = store.upload_file(header_local, header_rel)
+    return {"header": header, "lists": lists, "ntotal": ntotal}
+
+
+def _whole_task(spec: IndexSpec, shards: list[tuple[str, frozenset[int]]], dim: int, rel: str) -> dict:
+    """Flat/HNSW: every vector in this worker, trained on a uniform sample if the codec needs it."""
+    from pipeline import index as fx
+
+    got = [read_embeddings(spec.store_url, spec.storage_options, p, dead) for p, dead in shards]
+    ids = np.concatenate([i for i, _ in got]).astype(np.int64)
+    vecs = np.ascontiguousarray(np.concatenate([v for _, v in got]))
+    del got
+    index = fx.new_index(spec.factory, dim)
+    if not index.is_trained:
+        n = index_plan.train_size(None, len(ids), spec.train_sample)
+        pick = np.sort(np.random.default_rng(spec.seed).choice(len(ids), size=n, replace=False))
+        fx.train(index, vecs[pick])
+    index.add_with_ids(vecs, ids)
+    return {**_write_local_index(spec.store(), index, rel), "ntotal": int(index.ntotal)}
+
+
+def _delta_task(spec: IndexSpec, start: dict, remove: np.ndarray, shards: list[str], rel: str) -> dict:
+    """The new delta index: the previous delta (or the trained empty index), minus `remove`, plus the shards."""
+    from pipeline import index as fx
+
+    store = spec.store()
+    index = fx.from_bytes(store.read_verified(start))
+    if remove.size and index.ntotal:
+        index.remove_ids(np.ascontiguousarray(remove, dtype=np.int64))
+    for path in shards:
+        ids, vecs = read_embeddings(spec.store_url, spec.storage_options, path)
+        if len(ids):
+            index.add_with_ids(np.ascontiguousarray(vecs), np.ascontiguousarray(ids, dtype=np.int64))
+    return {**_write_local_index(store, index, rel), "ntotal": int(index.ntotal)}
+
+
+# ---------------------------------------------------------------- driver: plan and commit
 
 def build_index(cfg: RunConfig, store: Store, run_dir: str, dpr_shards: list[dict],
                 dead: dict[str, set[int]] | None = None) -> dict:
@@ -59,51 +199,135 @@ def build_index(cfg: RunConfig, store: Store, run_dir: str, dpr_shards: list[dic
     return build_index_from(spec, store, run_dir, dpr_shards, dead)
 
 
+def embedding_dim(store: Store, path: str) -> int:
+    import pyarrow.parquet as pq
+
+    with store.open(path) as fh:
+        return int(pq.ParquetFile(fh).schema_arrow.field("embedding").type.list_size)
+
+
+def _reusable(store: Store, marker_rel: str) -> dict | None:
+    if not store.exists(marker_rel):
+        return None
+    entry = json.loads(store.read_bytes(marker_rel))
+    try:
+        for f in artifact_files(entry):
+            store.check_file(f)
+    except IntegrityError:
+        return None
+    return entry
+
+
 def build_index_from(spec: IndexSpec, store: Store, run_dir: str, dpr_shards: list[dict],
-                     dead: dict[str, set[int]] | None = None) -> dict:
-    """Train on a sample, add shard by shard as Ray tasks, merge; reuse a verified earlier build."""
+                     dead: dict[str, set[int]] | None = None, trained: dict | None = None) -> dict:
+    """Build on the workers and return the manifest entry; reuse a verified build of an earlier attempt.
+
+    `trained` (an entry) skips training: compact folds a delta into a new base with the same quantizer."""
     import ray
 
     from pipeline import index as fx
 
+    if not dpr_shards:
+        raise IndexBuildError("no DPR shards to index")
     dead = dead or {}
-    rel = f"{run_dir}/index/dpr-{digest(spec.factory, 8)}.faiss"
-    marker_rel = rel + ".done.json"
-    if store.exists(marker_rel):
-        entry = json.loads(store.read_bytes(marker_rel))
-        if store.exists(rel) and store.size(rel) == entry["bytes"] and store.sha256(rel) == entry["sha256"]:
-            log.info("reusing the FAISS index built by an earlier attempt: %s", rel)
-            return entry
+    tag = digest(spec.factory, 8)
+    marker_rel = f"{run_dir}/index/dpr-{tag}.done.json"
+    reused = _reusable(store, marker_rel)
+    if reused is not None:
+        log.info("reusing the FAISS index built by an earlier attempt: %s", reused["path"])
+        return reused
     t0 = time.perf_counter()
-    sample = []
-    have = 0
-    for shard in dpr_shards:
-        _, vecs = read_embeddings(spec.store_url, spec.storage_options, shard["path"],
-                                   frozenset(dead.get(shard["path"], ())))
-        sample.append(vecs)
-        have += len(vecs)
-        if have >= spec.train_sample:
-            break
-    train_x = np.concatenate(sample)[: spec.train_sample]
-    dim = train_x.shape[1]
-    log.info("training FAISS %s on %d vectors; adding %d shards as Ray tasks", spec.factory, len(train_x),
-             len(dpr_shards))
-    index = fx.train(fx.new_index(spec.factory, dim), train_x)
-    trained = fx.to_bytes(index)
-    task = ray.remote(num_cpus=spec.task_cpus)(_index_part_task)
-    results = ray.get([task.remote(spec.store_url, spec.storage_options, s["path"], trained,
-                                   frozenset(dead.get(s["path"], ()))) for s in dpr_shards])
-    merged = fx.merge(trained, [part for part, _ in results])
-    expected = sum(n for _, n in results)
-    if merged.ntotal != expected:
-        raise RuntimeError(f"index holds {merged.ntotal} vectors, DPR shards hold {expected} live rows; "
-                           f"not committing")
-    data = fx.to_bytes(merged)
-    store.write_bytes(rel, data)
-    entry = {"path": rel, "sha256": sha256_bytes(data), "bytes": len(data), "factory": spec.factory, "dim": dim,
-             "ntotal": int(merged.ntotal), "metric": "inner_product", "nprobe": spec.nprobe,
-             "faiss_gpu": bool(fx.gpu_count())}
+    live = sum(s["rows"] for s in dpr_shards) - sum(len(dead.get(s["path"], ())) for s in dpr_shards)
+    dim = embedding_dim(store, dpr_shards[0]["path"])
+    fx.check_factory(spec.factory, dim, live, spec.train_sample)
+    nlist = fx.factory_nlist(spec.factory, dim)
+    staging = f"{run_dir}/index/staging-{tag}"
+    frozen = [(s["path"], frozenset(dead.get(s["path"], ()))) for s in dpr_shards]
+    common = {"factory": spec.factory, "dim": dim, "metric": "inner_product", "nprobe": spec.nprobe}
+    if nlist is None:
+        log.info("building FAISS %s over %d vectors whole, in one task", spec.factory, live)
+        task = ray.remote(num_cpus=1)(_whole_task)
+        built = ray.get(task.remote(spec, frozen, dim, f"{run_dir}/index/dpr-{tag}.faiss"))
+        entry = {**{k: built[k] for k in ("path", "sha256", "bytes")}, **common, "ntotal": built["ntotal"],
+                 "faiss_gpu": bool(fx.gpu_count())}
+    else:
+        if trained is None:
+            trained = _train(spec, store, dpr_shards, dead, dim, nlist, live, staging, run_dir, tag)
+        parts = _add_parts(spec, dpr_shards, frozen, trained, staging)
+        expected = sum(p["ntotal"] for p in parts)
+        log.info("merging %d parts (%.1f MB) on a worker's disk", len(parts), sum(p["bytes"] for p in parts) / 1e6)
+        merge = ray.remote(num_cpus=1)(_merge_task)
+        merged = ray.get(merge.remote(spec, trained, parts, f"{run_dir}/index/dpr-{tag}.index",
+                                      f"{run_dir}/index/dpr-{tag}.ivfdata"))
+        if merged["ntotal"] != expected:
+            raise IndexBuildError(f"merged index holds {merged['ntotal']} vectors, its parts {expected}; "
+                                  f"not committing")
+        entry = {"format": fx.ONDISK, **merged["header"], "lists": merged["lists"], "trained": trained, **common,
+                 "ntotal": merged["ntotal"], "faiss_gpu": bool(trained.get("gpu"))}
+        for p in parts:
+            store.remove(p["path"])
+    if entry["ntotal"] != live:
+        raise IndexBuildError(f"index holds {entry['ntotal']} vectors, DPR shards hold {live} live rows; "
+                              f"not committing")
     store.write_bytes(marker_rel, json.dumps(entry).encode())
-    log.info("built FAISS %s over %d vectors (%d dims) in %.1f s: %.1f MB", spec.factory, merged.ntotal, dim,
-             time.perf_counter() - t0, len(data) / 1e6)
+    log.info("built FAISS %s over %d vectors (%d dims) in %.1f s: %.1f MB", spec.factory, entry["ntotal"], dim,
+             time.perf_counter() - t0, sum(f["bytes"] for f in artifact_files(entry)) / 1e6)
     return entry
+
+
+def _train(spec: IndexSpec, store: Store, dpr_shards: list[dict], dead: dict[str, set[int]], dim: int, nlist: int, live: int,
+           staging: str, run_dir: str, tag: str) -> dict:
+    """Sample on the workers (uniform over rows, fixed seed), train in one task; returns the trained entry."""
+    import ray
+
+    from pipeline import index as fx
+
+    n_train = index_plan.train_size(nlist, live, spec.train_sample)
+    positions = index_plan.sample_positions([s["rows"] for s in dpr_shards], n_train, spec.seed)
+    picks = [(s["path"], pos, frozenset(dead.get(s["path"], ()))) for s, pos in zip(dpr_shards, positions) if pos]
+    groups = [picks[i:i + 64] for i in range(0, len(picks), 64)]
+    task = ray.remote(num_cpus=spec.task_cpus)(_sample_task)
+    pieces = ray.get([task.remote(spec, g, f"{staging}/sample-{k:05d}.npy") for k, g in enumerate(groups)])
+    log.info("training FAISS %s (%d lists) on a uniform sample of %d vectors (%.0f per list)", spec.factory, nlist,
+             sum(p["rows"] for p in pieces), sum(p["rows"] for p in pieces) / nlist)
+    gpu = {"num_gpus": 1} if fx.gpu_count() and ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
+    train = ray.remote(**gpu)(_train_task)
+    trained = ray.get(train.remote(spec, [p["path"] for p in pieces], dim, f"{run_dir}/index/trained-{tag}.faiss"))
+    for p in pieces:
+        store.remove(p["path"])
+    return trained
+
+
+def _add_parts(spec: IndexSpec, dpr_shards: list[dict], frozen: list[tuple[str, frozenset[int]]], trained: dict,
+               staging: str) -> list[dict]:
+    import ray
+
+    groups = index_plan.group_shards([s["rows"] for s in dpr_shards], spec.part_rows)
+    trained_ref = ray.remote(num_cpus=0)(_load_trained_task).remote(spec, trained)  # in the object store, once
+    add = ray.remote(num_cpus=spec.task_cpus)(_add_task)
+    log.info("adding %d shards as %d IVF parts on the workers", len(dpr_shards), len(groups))
+    return ray.get([add.remote(spec, trained_ref, [frozen[i] for i in g], f"{staging}/part-{k:05d}.faiss")
+                    for k, g in enumerate(groups)])
+
+
+def update_delta(spec: IndexSpec, store: Store, run_dir: str, parent: dict, remove: np.ndarray,
+                 delta_shards: list[dict], live: int) -> dict:
+    """The parent's on-disk base untouched; a new delta index and a longer list of ids hidden from the base.
+
+    Work and memory follow the change since the last compact: the delta's shards and the removed ids."""
+    import ray
+
+    from pipeline import index as fx
+
+    prior = fx.removed_ids(store, parent.get("removed"))
+    hidden = np.union1d(prior, np.asarray(remove, dtype=np.int64))
+    buf = io.BytesIO()
+    np.save(buf, hidden, allow_pickle=False)
+    removed_rel = f"{run_dir}/index/removed.npy"
+    store.write_bytes(removed_rel, buf.getvalue())
+    removed = {"path": removed_rel, "sha256": sha256_bytes(buf.getvalue()), "bytes": len(buf.getvalue()),
+               "count": int(hidden.size)}
+    task = ray.remote(num_cpus=1)(_delta_task)
+    delta = ray.get(task.remote(spec, parent.get("delta") or parent["trained"], np.asarray(remove, np.int64),
+                                [s["path"] for s in delta_shards], f"{run_dir}/index/delta.faiss"))
+    return {**parent, "delta": delta, "removed": removed, "ntotal": int(live)}

@@ -126,3 +126,62 @@ def factory_bytes_per_vector(factory: str, dim: int) -> float | None:
         m = int(graph[4:]) if graph[4:].isdigit() else 32
         per += 2 * m * 4  # HNSW links: 2M int32 neighbours per vector at level 0
     return per + ID_BYTES
+
+
+# ---------------------------------------------------------------- worker-side build plan
+
+MIN_TRAIN_PER_LIST = 39    # below this FAISS warns that k-means is under-fed
+MAX_TRAIN_PER_LIST = 256   # above this FAISS subsamples anyway
+MIN_TRAIN_CODEC = 9_984    # 39 x 256 centroids: what a PQ/SQ codebook needs
+WHOLE_INDEX_MAX_VECTORS = 2_000_000  # Flat/HNSW are built whole in one worker's memory; above this: refuse
+
+
+def train_size(nlist: int | None, n_vectors: int, requested: int) -> int:
+    """Training vectors for a factory: the requested count clamped to 39-256 x nlist, never above the corpus."""
+    if n_vectors < 1:
+        return 0
+    if nlist is None:
+        return min(n_vectors, max(requested, MIN_TRAIN_CODEC))
+    lo = max(MIN_TRAIN_PER_LIST * nlist, MIN_TRAIN_CODEC)
+    return min(n_vectors, max(lo, min(requested, MAX_TRAIN_PER_LIST * nlist)))
+
+
+def sample_positions(rows: list[int], n_train: int, seed: int = 0) -> list[list[int]]:
+    """A uniform sample of n_train row positions over all shards, as sorted positions within each shard.
+
+    Deterministic for (rows, n_train, seed); what the driver holds is n_train int64, not the corpus."""
+    import numpy as np
+
+    total = int(sum(rows))
+    n = min(n_train, total)
+    picked = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False)) if n else np.empty(0, np.int64)
+    bounds = np.concatenate([[0], np.cumsum(rows)])
+    cuts = np.searchsorted(picked, bounds)
+    return [(picked[cuts[i]:cuts[i + 1]] - bounds[i]).tolist() for i in range(len(rows))]
+
+
+def group_shards(rows: list[int], part_rows: int) -> list[list[int]]:
+    """Consecutive shard indexes grouped so that a group holds at most part_rows vectors (or one shard)."""
+    if part_rows < 1:
+        raise ValueError("part_rows must be positive")
+    groups: list[list[int]] = []
+    held = part_rows
+    for k, r in enumerate(rows):
+        if held + r > part_rows and (not groups or groups[-1]):
+            groups.append([])
+            held = 0
+        groups[-1].append(k)
+        held += r
+    return groups
+
+
+def whole_index_refusal(factory: str, n_vectors: int, dim: int) -> str | None:
+    """Why a non-IVF factory cannot be built at this size (it is held whole by one process), or None."""
+    if n_vectors <= WHOLE_INDEX_MAX_VECTORS:
+        return None
+    budget = n_vectors * dim * 2.0  # half of Flat's size, so that the proposal has inverted lists
+    proposal = plan_index(n_vectors, dim, budget).factory
+    return (f"index factory {factory!r} has no inverted lists: it would be built and searched whole in one "
+            f"process, and {n_vectors:,} vectors is over the {WHOLE_INDEX_MAX_VECTORS:,} this tool builds that "
+            f"way; use an IVF factory, e.g. {proposal!r} (`precompute plan-index --vectors {n_vectors} --dim {dim} "
+            f"--memory {budget / 1e9:.0f}GB`)")

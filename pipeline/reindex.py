@@ -111,5 +111,6 @@ def reindex(cfg: ReindexConfig) -> ReindexSummary:
                          shards=list(parent.shards), artifacts={**parent.artifacts, "dpr_index": entry},
                          counts=parent.counts, extra={**parent.extra, "reindex_of": parent.version})
     return ReindexSummary(store=store.display_url, version=manifest.version, parent=parent.version,
-                          factory=cfg.factory, ntotal=entry["ntotal"], bytes=entry["bytes"],
+                          factory=cfg.factory, ntotal=entry["ntotal"],
+                          bytes=sum(f["bytes"] for f in mf.artifact_files(entry)),
                           wall_seconds=time.perf_counter() - t0)

@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.config import RunConfig, digest
 from pipeline.corpus import Corpus
 from storage import manifest as mf
-from storage.fs import Store, sha256_bytes
+from storage.fs import Store
 from storage import tombstones
 from storage.shards import read_rows
 
@@ -228,36 +228,29 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
 
 def _update_index(cfg, store: Store, run_dir: str, parent: mf.Manifest, d: Diff, delta_dpr: list[dict],
                   all_shards: list[dict], dead: dict[str, set[int]], rebuild_fraction: float) -> tuple[dict, str]:
-    """Remove changed/deleted ids and add the delta; rebuild from scratch past `rebuild_fraction`."""
+    """A delta over the on-disk base (cost follows the change); rebuilt on the workers past `rebuild_fraction`.
+
+    A whole (Flat/HNSW) index is small by construction (WHOLE_INDEX_MAX_VECTORS) and is rebuilt."""
     from pipeline import index as fx
-    from pipeline.index_build import read_embeddings as _read_embeddings
+    from pipeline.index_build import IndexSpec, build_index_from, update_delta
 
     entry = parent.artifacts["dpr_index"]
+    spec = IndexSpec(cfg.store, cfg.storage_options, entry["factory"], cfg.dpr.train_sample if cfg.dpr else 100_000,
+                     entry.get("nprobe", 16), cfg.execution.task_cpus)
     touched = d.changed.size + d.new.size + d.deleted.size
     base = max(d.unchanged.size + d.changed.size + d.deleted.size, 1)
-    rebuild = touched / base > rebuild_fraction
-    if rebuild:
-        vecs, ids = [], []
-        for s in (x for x in all_shards if x["kind"] == "dpr"):
-            i, v = _read_embeddings(cfg.store, cfg.storage_options, s["path"], frozenset(dead.get(s["path"], ())))
-            ids.append(i), vecs.append(v)
-        ids, vecs = np.concatenate(ids), np.concatenate(vecs)
-        index = fx.train(fx.new_index(entry["factory"], entry["dim"]), vecs[: cfg.dpr.train_sample if cfg.dpr else 100_000])
-        index.add_with_ids(vecs, ids)
-        action = f"rebuilt and retrained ({touched}/{base} = {touched / base:.1%} changed > {rebuild_fraction:.0%})"
-    else:
-        index = fx.load_checked(store, entry)
-        if d.to_remove.size:
-            index.remove_ids(np.ascontiguousarray(d.to_remove, dtype=np.int64))
-        for s in delta_dpr:
-            i, v = _read_embeddings(cfg.store, cfg.storage_options, s["path"])
-            index.add_with_ids(v, i)
-        action = f"updated in place: removed {d.to_remove.size}, added {sum(s['rows'] for s in delta_dpr)}"
-    data = fx.to_bytes(index)
-    rel = f"{run_dir}/index/dpr.faiss"
-    store.write_bytes(rel, data)
+    dpr = [x for x in all_shards if x["kind"] == "dpr"]
+    if touched / base > rebuild_fraction or entry.get("format") != fx.ONDISK:
+        new = build_index_from(spec, store, run_dir, dpr, dead)
+        why = (f"{touched}/{base} = {touched / base:.1%} changed > {rebuild_fraction:.0%}"
+               if touched / base > rebuild_fraction else f"a whole {entry['factory']} index is rebuilt on update")
+        return new, f"rebuilt and retrained on the workers ({why})"
+    live = sum(x["rows"] for x in dpr) - sum(len(dead.get(x["path"], ())) for x in dpr)
+    new = update_delta(spec, store, run_dir, entry, d.to_remove, delta_dpr, live)
+    action = (f"delta: {d.to_remove.size} ids hidden from the base, {sum(x['rows'] for x in delta_dpr)} added "
+              f"(delta holds {new['delta']['ntotal']}, {new['removed']['count']} hidden; compact folds them in)")
     log.info("index %s", action)
-    return {**entry, "path": rel, "sha256": sha256_bytes(data), "bytes": len(data), "ntotal": int(index.ntotal)}, action
+    return new, action
 
 
 def write_slices(store: Store, corpus: Corpus, scan, run_dir: str, execution, todo: set[int],

@@ -53,6 +53,7 @@ class Store:
         if not url or not str(url).strip():
             raise ValueError("store URL is empty: pass --store PATH or s3://bucket/prefix")
         self.url = str(url).rstrip("/")
+        self.storage_options = dict(storage_options or {})  # for workers to open the same store; never logged
         self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
         self.root = root.rstrip("/")
         self.is_local = "file" in _protocols(self.fs)
@@ -187,6 +188,67 @@ class Store:
         if ("bytes" in entry and len(data) != entry["bytes"]) or sha256_bytes(data) != entry["sha256"]:
             raise IntegrityError(f"{entry['path']}: size or checksum differs from the manifest; refusing it")
         return data
+
+    def local_path(self, rel: str) -> str | None:
+        """The file's path on this machine when the store is a local directory (to mmap it), else None."""
+        return self.full(rel) if self.is_local else None
+
+    def upload_file(self, local_path: str, rel: str) -> dict:
+        """Stream a local file into the store, hashing as it goes: {path, sha256, bytes}.
+
+        Nothing the size of the file is held in memory; readers never see it half written (temp +
+        rename locally; on S3 a multipart upload only appears when it completes)."""
+        digest, n = hashlib.sha256(), 0
+        target = self.full(rel)
+        if self.is_local:
+            os.makedirs(posixpath.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            out = open(tmp, "wb")
+        else:
+            tmp, out = None, self.fs.open(target, "wb")
+        try:
+            with open(local_path, "rb") as src, out:
+                while chunk := src.read(_HASH_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    n += len(chunk)
+                if tmp is not None:
+                    out.flush()
+                    os.fsync(out.fileno())
+            if tmp is not None:
+                os.replace(tmp, target)
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+        return {"path": rel, "sha256": digest.hexdigest(), "bytes": n}
+
+    def check_file(self, entry: dict) -> None:
+        """Raise IntegrityError unless the file at entry['path'] has the entry's size and sha256 (streamed)."""
+        try:
+            size = self.size(entry["path"])
+        except FileNotFoundError as exc:
+            raise IntegrityError(f"missing file: {entry['path']}") from exc
+        if size != entry["bytes"] or self.sha256(entry["path"]) != entry["sha256"]:
+            raise IntegrityError(f"{entry['path']}: size or checksum differs from the manifest; refusing it")
+
+    def download_verified(self, entry: dict, local_path: str) -> None:
+        """Stream entry['path'] to local_path, which appears only if size and sha256 match the entry."""
+        digest, n = hashlib.sha256(), 0
+        tmp = f"{local_path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with self.open(entry["path"], "rb") as src, open(tmp, "wb") as out:
+                while chunk := src.read(_HASH_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    n += len(chunk)
+            if n != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
+                raise IntegrityError(f"{entry['path']}: size or checksum differs from the manifest; refusing it")
+            os.replace(tmp, local_path)
+        except FileNotFoundError as exc:
+            raise IntegrityError(f"missing file: {entry['path']}") from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def sha256(self, rel: str) -> str:
         digest = hashlib.sha256()

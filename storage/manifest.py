@@ -59,7 +59,7 @@ class Manifest:
 
     def referenced_paths(self) -> set[str]:
         paths = {s["path"] for s in self.shards}
-        paths.update(a["path"] for a in self.artifacts.values())
+        paths.update(f["path"] for a in self.artifacts.values() for f in artifact_files(a))
         return paths
 
     def to_json(self) -> bytes:
@@ -89,6 +89,12 @@ class Manifest:
                        extra=body.get("extra", {}))
         except KeyError as exc:
             raise ManifestError(f"{where}: missing key {exc}") from exc
+
+
+def artifact_files(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The files an artifact entry stands for: itself, plus any nested {path, sha256, bytes} (an index's lists)."""
+    nested = [v for v in entry.values() if isinstance(v, dict) and {"path", "sha256", "bytes"} <= v.keys()]
+    return [entry, *nested]
 
 
 def list_versions(store: Store) -> list[int]:
@@ -180,7 +186,7 @@ def verify(store: Store, manifest: Manifest, check_ids: bool = True, threads: in
     from concurrent.futures import ThreadPoolExecutor
 
     report = VerifyReport(version=manifest.version)
-    entries = list(manifest.shards) + list(manifest.artifacts.values())
+    entries = list(manifest.shards) + [f for a in manifest.artifacts.values() for f in artifact_files(a)]
     report.checked_files = len(entries)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for problem in pool.map(lambda e: _check_file(store, e), entries):

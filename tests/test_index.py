@@ -75,3 +75,27 @@ def test_bad_factory_and_too_few_training_vectors_are_clear():
     fx.check_factory("IVF64,Flat", 8, 5000, 100_000)
     with pytest.raises(ValueError, match="lists but only"):
         fx.train(fx.new_index("IVF64,Flat", 8), np.zeros((10, 8), np.float32))
+
+
+def test_flat_or_hnsw_over_millions_is_refused_with_an_ivf_proposal():
+    from pipeline.config import ConfigError
+    for factory in ("Flat", "HNSW32"):
+        with pytest.raises(ConfigError, match=r"IVF\d+.*plan-index --vectors 32000000"):
+            fx.check_factory(factory, 768, 32_000_000, 100_000)
+    fx.check_factory("Flat", 768, 2_000_000, 100_000)  # at the limit: built whole by one task
+    fx.check_factory("IVF16384_HNSW32,SQ8", 768, 32_000_000, 100_000)
+
+
+def test_training_sample_is_sized_to_the_lists_uniform_and_deterministic():
+    from pipeline.index_plan import group_shards, sample_positions, train_size
+    assert train_size(16384, 32_000_000, 100_000) == 39 * 16384  # FAISS' floor beats a small request
+    assert train_size(1024, 32_000_000, 10_000_000) == 256 * 1024  # and its ceiling a big one
+    assert train_size(1024, 50_000, 100_000) == 50_000  # never more than the corpus
+    rows = [1000, 10, 5000, 0, 4000]
+    picks = sample_positions(rows, 2000, seed=3)
+    assert picks == sample_positions(rows, 2000, seed=3) and picks != sample_positions(rows, 2000, seed=4)
+    assert [len(set(p)) for p in picks] == [len(p) for p in picks] and sum(map(len, picks)) == 2000
+    assert all(0 <= x < r for p, r in zip(picks, rows) for x in p)
+    share = np.array([len(p) for p in picks]) / 2000
+    assert np.allclose(share, np.array(rows) / sum(rows), atol=0.04)  # proportional to the shard's rows
+    assert group_shards([400, 400, 400, 2000, 10], 1000) == [[0, 1], [2], [3], [4]]
