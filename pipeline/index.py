@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 
 import faiss
@@ -169,15 +170,21 @@ def read_ondisk(header_path: str) -> faiss.Index:
     import ctypes
     import sys
 
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        return faiss.read_index(header_path, faiss.IO_FLAG_ONDISK_SAME_DIR)
-    finally:
-        ctypes.CDLL(None).fflush(None)  # C's buffer, before fd 1 is the real stdout again
-        os.dup2(saved, 1)
-        os.close(saved)
+    libc = ctypes.CDLL(None)
+    with _STDOUT_SWAP:  # fd 1 is process-wide: one swap at a time
+        sys.stdout.flush()
+        libc.fflush(None)  # what was already buffered goes where it was meant to
+        saved = os.dup(1)
+        try:
+            os.dup2(2, 1)
+            return faiss.read_index(header_path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+        finally:
+            libc.fflush(None)  # faiss' line, before fd 1 is the real stdout again
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+_STDOUT_SWAP = threading.Lock()
 
 
 class LiveIndex:
@@ -190,7 +197,9 @@ class LiveIndex:
         self.base, self.delta = base, delta
         self.removed = np.unique(np.asarray(removed if removed is not None else [], dtype=np.int64))
         self.d = base.d
-        self._nprobe = 1
+        ivf = faiss.try_extract_index_ivf(base)
+        self._nprobe = ivf.nprobe if ivf is not None else 1
+        self._ntotal: int | None = None
         self._selector = None
         if self.removed.size:
             self._batch = faiss.IDSelectorBatch(self.removed)
@@ -198,7 +207,9 @@ class LiveIndex:
 
     @property
     def ntotal(self) -> int:
-        return int(self.ids().size)
+        if self._ntotal is None:
+            self._ntotal = int(self.ids().size)
+        return self._ntotal
 
     def set_nprobe(self, nprobe: int) -> None:
         for idx in (self.base, self.delta):
@@ -224,7 +235,8 @@ class LiveIndex:
         scores = np.where(ids >= 0, scores, -np.inf)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
-        return np.where(ids >= 0, scores, -np.inf).astype(np.float32), ids
+        missing = -np.finfo(np.float32).max  # what faiss itself returns for an empty slot
+        return np.where(ids >= 0, scores, missing).astype(np.float32), ids
 
     def ids(self) -> np.ndarray:
         base = index_ids(self.base)
@@ -265,7 +277,7 @@ def _local_verified(store: Store, entry: dict, cache_dir: str | None, beside: st
         store.check_file(entry)
         return local
     root = os.path.dirname(beside) if beside else os.path.join(cache_dir or _default_cache(), entry["sha256"][:24])
-    os.makedirs(root, exist_ok=True)
+    os.makedirs(root, mode=0o700, exist_ok=True)
     target = os.path.join(root, entry["path"].rsplit("/", 1)[-1])
     if os.path.exists(target) and os.path.getsize(target) == entry["bytes"] \
             and Store(root).sha256(os.path.basename(target)) == entry["sha256"]:

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -55,7 +55,7 @@ def read_embeddings(store_url: str, storage_options: dict, path: str,
 class IndexSpec:
     """What to build and where the embeddings are; the same for a run, an update, a reindex or compact."""
     store_url: str
-    storage_options: dict
+    storage_options: dict = field(repr=False)  # may hold credentials: never in a repr or a log
     factory: str
     train_sample: int
     nprobe: int
@@ -70,6 +70,7 @@ class IndexSpec:
 # ---------------------------------------------------------------- worker tasks
 
 def _write_local_index(store: Store, index, rel: str) -> dict:
+    """faiss writes to a local path only: write it to a temp file, then stream it up while hashing."""
     import faiss
 
     with tempfile.TemporaryDirectory(prefix="faiss-") as tmp:
@@ -109,6 +110,7 @@ def _load_trained_task(spec: IndexSpec, trained: dict) -> bytes:
 
 
 def _add_task(spec: IndexSpec, trained: bytes, shards: list[tuple[str, frozenset[int]]], rel: str) -> dict:
+    """One IVF part: the trained index plus a group of shards' live vectors, written to the store."""
     from pipeline import index as fx
 
     index = fx.from_bytes(trained)
@@ -181,13 +183,17 @@ def _delta_task(spec: IndexSpec, start: dict, remove: np.ndarray, shards: list[s
 
     store = spec.store()
     index = fx.from_bytes(store.read_verified(start))
-    if remove.size and index.ntotal:
-        index.remove_ids(np.ascontiguousarray(remove, dtype=np.int64))
+    before = int(index.ntotal)
+    removed = int(index.remove_ids(np.ascontiguousarray(remove, dtype=np.int64))) if remove.size and before else 0
+    added = 0
     for path in shards:
         ids, vecs = read_embeddings(spec.store_url, spec.storage_options, path)
         if len(ids):
             index.add_with_ids(np.ascontiguousarray(vecs), np.ascontiguousarray(ids, dtype=np.int64))
-    return {**_write_local_index(store, index, rel), "ntotal": int(index.ntotal)}
+            added += len(ids)
+    if index.ntotal != before - removed + added:
+        raise IndexBuildError(f"delta holds {index.ntotal} vectors, expected {before} - {removed} + {added}")
+    return {**_write_local_index(store, index, rel), "ntotal": int(index.ntotal), "added": added}
 
 
 # ---------------------------------------------------------------- driver: plan and commit
@@ -200,6 +206,7 @@ def build_index(cfg: RunConfig, store: Store, run_dir: str, dpr_shards: list[dic
 
 
 def embedding_dim(store: Store, path: str) -> int:
+    """The vectors' width from a shard's footer, without reading rows."""
     import pyarrow.parquet as pq
 
     with store.open(path) as fh:
@@ -207,13 +214,15 @@ def embedding_dim(store: Store, path: str) -> int:
 
 
 def _reusable(store: Store, marker_rel: str) -> dict | None:
+    """An earlier attempt's entry for the same inputs (the marker's name carries their digest), if intact."""
     if not store.exists(marker_rel):
         return None
-    entry = json.loads(store.read_bytes(marker_rel))
     try:
+        entry = json.loads(store.read_bytes(marker_rel))
         for f in artifact_files(entry):
             store.check_file(f)
-    except IntegrityError:
+    except (IntegrityError, ValueError, KeyError, TypeError) as exc:
+        log.warning("not reusing the earlier index build at %s (%s); building again", marker_rel, exc)
         return None
     return entry
 
@@ -230,14 +239,17 @@ def build_index_from(spec: IndexSpec, store: Store, run_dir: str, dpr_shards: li
     if not dpr_shards:
         raise IndexBuildError("no DPR shards to index")
     dead = dead or {}
-    tag = digest(spec.factory, 8)
+    live = sum(s["rows"] for s in dpr_shards) - sum(len(dead.get(s["path"], ())) for s in dpr_shards)
+    inputs = {"spec": [spec.factory, spec.train_sample, spec.nprobe, spec.part_rows, spec.seed],
+              "shards": [s["sha256"] for s in dpr_shards], "dead": [len(dead.get(s["path"], ())) for s in dpr_shards],
+              "trained": trained["sha256"] if trained else None}
+    tag = digest(inputs, 8)  # a marker is only ever reused for exactly these inputs
     marker_rel = f"{run_dir}/index/dpr-{tag}.done.json"
     reused = _reusable(store, marker_rel)
-    if reused is not None:
+    if reused is not None and reused.get("ntotal") == live:
         log.info("reusing the FAISS index built by an earlier attempt: %s", reused["path"])
         return reused
     t0 = time.perf_counter()
-    live = sum(s["rows"] for s in dpr_shards) - sum(len(dead.get(s["path"], ())) for s in dpr_shards)
     dim = embedding_dim(store, dpr_shards[0]["path"])
     fx.check_factory(spec.factory, dim, live, spec.train_sample)
     nlist = fx.factory_nlist(spec.factory, dim)
@@ -256,7 +268,8 @@ def build_index_from(spec: IndexSpec, store: Store, run_dir: str, dpr_shards: li
         parts = _add_parts(spec, dpr_shards, frozen, trained, staging)
         expected = sum(p["ntotal"] for p in parts)
         log.info("merging %d parts (%.1f MB) on a worker's disk", len(parts), sum(p["bytes"] for p in parts) / 1e6)
-        merge = ray.remote(num_cpus=1)(_merge_task)
+        # max_calls=1: faiss' merge_ondisk leaves the parts memory-mapped; the worker exits with them
+        merge = ray.remote(num_cpus=1, max_calls=1)(_merge_task)
         merged = ray.get(merge.remote(spec, trained, parts, f"{run_dir}/index/dpr-{tag}.index",
                                       f"{run_dir}/index/dpr-{tag}.ivfdata"))
         if merged["ntotal"] != expected:
@@ -275,12 +288,10 @@ def build_index_from(spec: IndexSpec, store: Store, run_dir: str, dpr_shards: li
     return entry
 
 
-def _train(spec: IndexSpec, store: Store, dpr_shards: list[dict], dead: dict[str, set[int]], dim: int, nlist: int, live: int,
-           staging: str, run_dir: str, tag: str) -> dict:
+def _train(spec: IndexSpec, store: Store, dpr_shards: list[dict], dead: dict[str, set[int]], dim: int,
+           nlist: int, live: int, staging: str, run_dir: str, tag: str) -> dict:
     """Sample on the workers (uniform over rows, fixed seed), train in one task; returns the trained entry."""
     import ray
-
-    from pipeline import index as fx
 
     n_train = index_plan.train_size(nlist, live, spec.train_sample)
     positions = index_plan.sample_positions([s["rows"] for s in dpr_shards], n_train, spec.seed)
@@ -290,7 +301,8 @@ def _train(spec: IndexSpec, store: Store, dpr_shards: list[dict], dead: dict[str
     pieces = ray.get([task.remote(spec, g, f"{staging}/sample-{k:05d}.npy") for k, g in enumerate(groups)])
     log.info("training FAISS %s (%d lists) on a uniform sample of %d vectors (%.0f per list)", spec.factory, nlist,
              sum(p["rows"] for p in pieces), sum(p["rows"] for p in pieces) / nlist)
-    gpu = {"num_gpus": 1} if fx.gpu_count() and ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
+    # the cluster's GPUs, not the driver's: on a CPU head the k-means still lands on a GPU worker
+    gpu = {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= 1 else {"num_cpus": 1}
     train = ray.remote(**gpu)(_train_task)
     trained = ray.get(train.remote(spec, [p["path"] for p in pieces], dim, f"{run_dir}/index/trained-{tag}.faiss"))
     for p in pieces:
@@ -300,6 +312,7 @@ def _train(spec: IndexSpec, store: Store, dpr_shards: list[dict], dead: dict[str
 
 def _add_parts(spec: IndexSpec, dpr_shards: list[dict], frozen: list[tuple[str, frozenset[int]]], trained: dict,
                staging: str) -> list[dict]:
+    """Groups of consecutive shards (<= part_rows vectors) added on the workers; returns part entries."""
     import ray
 
     groups = index_plan.group_shards([s["rows"] for s in dpr_shards], spec.part_rows)
@@ -330,4 +343,6 @@ def update_delta(spec: IndexSpec, store: Store, run_dir: str, parent: dict, remo
     task = ray.remote(num_cpus=1)(_delta_task)
     delta = ray.get(task.remote(spec, parent.get("delta") or parent["trained"], np.asarray(remove, np.int64),
                                 [s["path"] for s in delta_shards], f"{run_dir}/index/delta.faiss"))
+    if delta.pop("added") != sum(s["rows"] for s in delta_shards):
+        raise IndexBuildError("the delta index did not take every row of the delta shards; not committing")
     return {**parent, "delta": delta, "removed": removed, "ntotal": int(live)}

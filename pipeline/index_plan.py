@@ -152,12 +152,19 @@ def sample_positions(rows: list[int], n_train: int, seed: int = 0) -> list[list[
     Deterministic for (rows, n_train, seed); what the driver holds is n_train int64, not the corpus."""
     import numpy as np
 
-    total = int(sum(rows))
-    n = min(n_train, total)
-    picked = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False)) if n else np.empty(0, np.int64)
-    bounds = np.concatenate([[0], np.cumsum(rows)])
-    cuts = np.searchsorted(picked, bounds)
-    return [(picked[cuts[i]:cuts[i + 1]] - bounds[i]).tolist() for i in range(len(rows))]
+    rng = np.random.default_rng(seed)
+    counts = np.asarray(rows, dtype=np.int64)
+    n = min(n_train, int(counts.sum()))
+    # how many of the n fall in each shard (exactly as a uniform draw without replacement would), then
+    # which rows: memory follows n and the largest shard, never the corpus
+    if n == 0:
+        per_shard = np.zeros_like(counts)
+    elif counts.sum() < 10**9:  # numpy's exact method stops there
+        per_shard = rng.multivariate_hypergeometric(counts, n, method="marginals")
+    else:
+        per_shard = np.minimum(rng.multinomial(n, counts / counts.sum()), counts)
+    return [np.sort(rng.choice(int(r), size=int(c), replace=False)).tolist() if c else []
+            for r, c in zip(counts, per_shard)]
 
 
 def group_shards(rows: list[int], part_rows: int) -> list[list[int]]:

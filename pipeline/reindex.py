@@ -89,8 +89,8 @@ def _plan(cfg: ReindexConfig, store: Store, parent: mf.Manifest, dpr: list[dict]
     else:
         storage, basis = live * per, f"{per:g} B/vector for {cfg.factory} at {dim} dims, plus the coarse quantizer"
     return JobPlan(job="index", passages=live, shards=len(dpr), tokens=0.0, gpu_hours=0.0,
-                   gpu_hours_basis="no model runs: FAISS trains in the driver and adds vectors in CPU Ray tasks "
-                                   "(faiss-gpu trains on a GPU when installed)",
+                   gpu_hours_basis="no model runs: FAISS trains in one Ray task (on a GPU worker when the "
+                                   "cluster has one and faiss-gpu is installed), adds and merges in CPU tasks",
                    storage_bytes=storage, storage_basis=basis,
                    notes=(f"based on version {parent.version}; train on {min(cfg.train_sample, live):,} vectors",))
 

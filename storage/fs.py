@@ -207,14 +207,22 @@ class Store:
         else:
             tmp, out = None, self.fs.open(target, "wb")
         try:
-            with open(local_path, "rb") as src, out:
+            with open(local_path, "rb") as src:
                 while chunk := src.read(_HASH_CHUNK):
                     digest.update(chunk)
                     out.write(chunk)
                     n += len(chunk)
-                if tmp is not None:
-                    out.flush()
-                    os.fsync(out.fileno())
+            if tmp is not None:
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            if hasattr(out, "discard"):
+                out.discard()  # fsspec: abort the multipart upload instead of completing a partial object
+            else:
+                out.close()
+            raise
+        else:
+            out.close()
             if tmp is not None:
                 os.replace(tmp, target)
         finally:
@@ -236,7 +244,11 @@ class Store:
         digest, n = hashlib.sha256(), 0
         tmp = f"{local_path}.tmp-{uuid.uuid4().hex}"
         try:
-            with self.open(entry["path"], "rb") as src, open(tmp, "wb") as out:
+            src = self.open(entry["path"], "rb")
+        except FileNotFoundError as exc:
+            raise IntegrityError(f"missing file: {entry['path']}") from exc
+        try:
+            with src, open(tmp, "wb") as out:
                 while chunk := src.read(_HASH_CHUNK):
                     digest.update(chunk)
                     out.write(chunk)
@@ -244,8 +256,6 @@ class Store:
             if n != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
                 raise IntegrityError(f"{entry['path']}: size or checksum differs from the manifest; refusing it")
             os.replace(tmp, local_path)
-        except FileNotFoundError as exc:
-            raise IntegrityError(f"missing file: {entry['path']}") from exc
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -2,6 +2,7 @@
 
 Tiny random encoder on the real 2,333-passage sample: these are equality checks, not recall figures
 (recall on real MiniLM vectors is in benchmarks/index_scale.py and test_pipeline_e2e)."""
+import os
 import shutil
 import sys
 
@@ -40,15 +41,24 @@ def stores(ray_local, tmp_path_factory, tiny_model):
     order = np.random.default_rng(1).permutation(len(rows))
     changed, deleted = {rows[i][0] for i in order[:23]}, {rows[i][0] for i in order[23:35]}
     a = write_tsv(tmp / "a.tsv", rows)
-    b = write_tsv(tmp / "b.tsv", [(p, t + " Revised ." if p in changed else t, ti) for p, t, ti in rows
-                                  if p not in deleted]
-                  + [(900_000 + k, f"A new passage number {k} about rowing boats on rivers .", "New") for k in range(23)])
+    b_rows = ([(p, t + " Revised ." if p in changed else t, ti) for p, t, ti in rows if p not in deleted]
+              + [(900_000 + k, f"A new passage number {k} about rowing boats on rivers .", "New") for k in range(23)])
+    b = write_tsv(tmp / "b.tsv", b_rows)
     run(_cfg(tmp / "store", a, tiny_model))
     v1 = mf.load(Store(str(tmp / "store")))
     run_update(_cfg(tmp / "store", b, tiny_model))
     run(_cfg(tmp / "scratch", b, tiny_model))
+    # an update of the update: ids living only in the delta are changed again or deleted
+    again, dropped = sorted(changed)[:5], [900_000 + k for k in range(3)]
+    c_rows = [(p, t + " Again ." if p in again else t, ti) for p, t, ti in b_rows if p not in dropped]
+    c = write_tsv(tmp / "c.tsv", c_rows + [(950_000 + k, f"Another passage {k} on river locks .", "New")
+                                            for k in range(2)])
+    shutil.copytree(tmp / "store", tmp / "store2")
+    run_update(_cfg(tmp / "store2", c, tiny_model))
+    run(_cfg(tmp / "scratch2", c, tiny_model))
     return dict(tmp=tmp, store=Store(str(tmp / "store")), scratch=Store(str(tmp / "scratch")), v1=v1,
-                changed=changed, deleted=deleted)
+                changed=changed, deleted=deleted, store2=Store(str(tmp / "store2")),
+                scratch2=Store(str(tmp / "scratch2")))
 
 
 def _vectors(store: Store, m: mf.Manifest) -> tuple[np.ndarray, np.ndarray]:
@@ -134,6 +144,23 @@ def test_update_adds_a_delta_and_compact_folds_it_equal_to_a_scratch_build(store
     got_d, got_i = _top10(store, queries=q)
     assert np.array_equal(got_i, want_i) and np.allclose(got_d, want_d, atol=1e-5)
 
+    # hidden means hidden: a deleted passage's own old vector does not find it
+    old_ids, old_vecs = _vectors(store, stores["v1"])
+    gone = np.isin(old_ids, sorted(stores["deleted"]))
+    _, hits = _top10(store, queries=old_vecs[gone])
+    assert not set(hits.ravel().tolist()) & stores["deleted"]
+    # the delta shares the base's quantizer: a non-exhaustive probe equals one in-memory index of v2's rows
+    live = fx.load_checked(store, entry)
+    memory = fx.from_bytes(store.read_verified(entry["trained"]))
+    ids, vecs = _vectors(store, v2)
+    memory.add_with_ids(vecs, ids)
+    for idx in (live, memory):
+        fx.set_nprobe(idx, 2)
+    (d1, i1), (d2, i2) = live.search(q, 10), memory.search(q, 10)
+    assert np.array_equal(i1, i2) and np.allclose(d1, d2, atol=1e-6)
+    assert live.search(q[:2], 5000)[1].shape == (2, 5000)  # k above ntotal: padded with -1
+    assert (live.search(q[:2], 5000)[1][:, -1] == -1).all()
+
     shutil.copytree(store.url, tmp_path / "copy")
     copy = Store(str(tmp_path / "copy"))
     compact(copy, shard_size=1000)
@@ -158,7 +185,6 @@ def test_a_corrupted_part_or_merged_file_is_refused_before_faiss_reads_it(stores
     open(path, "wb").write(bytes(data))
     with pytest.raises(IntegrityError, match="part-0"):
         _merge_task(spec, entry["trained"], parts, "runs/test-corrupt/m.index", "runs/test-corrupt/m.ivfdata")
-    assert not store.exists("runs/test-corrupt/m.index")
 
     shutil.copytree(store.url, tmp_path / "copy")
     copy = Store(str(tmp_path / "copy"))
@@ -185,3 +211,52 @@ def test_object_store_copies_stream_and_are_checked(any_store, tmp_path):
     with pytest.raises(IntegrityError):
         store.download_verified({**entry, "sha256": "0" * 64}, str(tmp_path / "bad.bin"))
     assert not (tmp_path / "bad.bin").exists()
+
+
+def test_an_update_of_an_update_edits_the_delta_and_still_equals_a_scratch_build(stores):
+    store2, scratch2 = stores["store2"], stores["scratch2"]
+    v3 = mf.load(store2)
+    entry = v3.artifacts["dpr_index"]
+    # previous delta 46, minus 5 changed again and 3 deleted new ones, plus 5 re-encoded and 2 new
+    assert entry["delta"]["ntotal"] == 46 - 8 + 7 and entry["ntotal"] == 2333 - 12 + 23 - 3 + 2
+    q = _queries(scratch2, mf.load(scratch2))
+    want_d, want_i = _top10(scratch2, queries=q)
+    got_d, got_i = _top10(store2, queries=q)
+    assert np.array_equal(got_i, want_i) and np.allclose(got_d, want_d, atol=1e-5)
+    assert mf.verify(store2, v3).ok
+
+
+def test_a_build_marker_is_reused_only_for_the_same_inputs(stores, caplog):
+    import logging
+    store, v1 = stores["store"], stores["v1"]
+    spec = IndexSpec(store.url, {}, FACTORY, 2000, NLIST)
+    shards = v1.shards_of("dpr")
+    first = build_index_from(spec, store, "runs/test-reuse", shards)
+    with caplog.at_level(logging.INFO, logger="pipeline.index_build"):
+        again = build_index_from(spec, store, "runs/test-reuse", shards)
+    assert again == first and "reusing" in caplog.text
+    fewer = build_index_from(spec, store, "runs/test-reuse", shards, {shards[0]["path"]: np.array([1, 2, 3])})
+    assert fewer["ntotal"] == first["ntotal"] - 3 and fewer["path"] != first["path"]
+
+
+def test_an_index_on_an_object_store_is_searched_from_a_verified_local_copy(stores, s3_bucket, tmp_path):
+    store, v1 = stores["store"], stores["v1"]
+    url, opts = s3_bucket
+    remote = Store(url, opts)
+    entry = v1.artifacts["dpr_index"]
+    for f in mf.artifact_files(entry):
+        remote.write_bytes(f["path"], store.read_bytes(f["path"]))
+    cache = str(tmp_path / "cache")
+    q = _queries(store, v1, 10)
+    want = fx.load_checked(store, entry).search(q, 10)
+    got = fx.load_checked(remote, entry, cache_dir=cache).search(q, 10)
+    assert np.array_equal(got[1], want[1])
+    copy = [os.path.join(r, f) for r, _, fs in os.walk(cache) for f in fs if f.endswith(".ivfdata")]
+    assert len(copy) == 1
+    with open(copy[0], "r+b") as fh:  # a damaged cached copy is replaced, not mapped
+        fh.write(b"\xff" * 64)
+    assert np.array_equal(fx.load_checked(remote, entry, cache_dir=cache).search(q, 10)[1], want[1])
+    remote.write_bytes(entry["lists"]["path"], b"tampered")
+    shutil.rmtree(cache)
+    with pytest.raises(IntegrityError):
+        fx.load_checked(remote, entry, cache_dir=cache)
