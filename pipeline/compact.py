@@ -9,44 +9,97 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.config import digest
 from pipeline.update import load_tombstones
 from storage import manifest as mf
 from storage.fs import Store
-from storage.shards import read_metadata, read_rows, write_shard
+from storage.shards import read_metadata, write_shard
 
 log = logging.getLogger(__name__)
 
 
+def plan_ranges(id_min: np.ndarray, id_max: np.ndarray, live: np.ndarray, shard_size: int) -> list[tuple[int, int]]:
+    """Pure: id intervals [lo, hi] holding about `shard_size` live rows each, from shard ranges and counts alone.
+
+    Each source shard's live rows are taken as spread evenly over its id range (exact for the dense,
+    id-sorted shards of a corpus like psgs_w100); the cumulative count is piecewise linear between
+    range ends and is cut at multiples of shard_size. Tasks read by these intervals, so a poor
+    estimate makes shards uneven, never wrong."""
+    if shard_size < 1:
+        raise ValueError("shard_size must be positive")
+    keep = live > 0
+    lo, hi, n = id_min[keep].astype(np.float64), id_max[keep].astype(np.float64) + 1, live[keep].astype(np.float64)
+    if n.size == 0:
+        return []
+    points = np.unique(np.concatenate([lo, hi]))
+    # cumulative live rows at each point: sum over shards of n * clip((x - lo) / (hi - lo), 0, 1)
+    frac = np.clip((points[None, :] - lo[:, None]) / (hi - lo)[:, None], 0, 1)
+    cum = (n[:, None] * frac).sum(axis=0)
+    total = cum[-1]
+    targets = np.arange(shard_size, total, shard_size, dtype=np.float64)
+    cuts = np.unique(np.floor(np.interp(targets, cum, points)).astype(np.int64))
+    edges = np.concatenate([[int(points[0])], cuts, [int(points[-1])]])
+    return [(int(a), int(b) - 1) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _rewrite_task(store_url: str, options: dict, sources: list[tuple[str, np.ndarray]], lo: int, hi: int,
+                  rel: str, metadata: dict, row_group_size: int) -> dict | None:
+    """One output shard: the live rows with lo <= id <= hi of its sources, sorted by id."""
+    store = Store(store_url, options)
+    tables = []
+    for path, gone in sources:
+        with store.open(path) as fh:
+            t = pq.read_table(fh, filters=[("id", ">=", lo), ("id", "<=", hi)])  # row groups pruned by stats
+        if gone.size:
+            t = t.filter(pc.invert(pc.is_in(t.column("id"), value_set=pa.array(gone, pa.int64()))))
+        tables.append(t.replace_schema_metadata(None))
+    live = pa.concat_tables(tables).sort_by("id") if tables else None
+    if live is None or live.num_rows == 0:
+        return None
+    return write_shard(store, rel, live, metadata, row_group_size).to_dict()
+
+
 def compact(store: Store, shard_size: int = 10_000, row_group_size: int = 128) -> mf.Manifest:
+    """The driver plans id intervals from the manifest alone; Ray tasks rewrite; the driver commits once."""
+    import ray
+
+    from pipeline.encode import init_ray
+
     if shard_size < 1:
         raise ValueError("shard_size must be positive")
     parent = mf.load(store)
     dead = load_tombstones(store, parent)
     run_dir = f"runs/compact-{digest({'parent': parent.version, 'run': parent.run_id, 'size': shard_size})}"
+    init_ray(None)
+    task = ray.remote(num_cpus=0.5)(_rewrite_task)
     shards: list[dict] = []
     for kind in ("states", "dpr"):
         sources = parent.shards_of(kind)
         if not sources:
             continue
         metadata = read_metadata(store, sources[0]["path"])
-        tables = []
-        for s in sources:
-            t = read_rows(store, s["path"])
-            gone = dead.get(s["path"])
-            if gone:
-                t = t.filter(pc.invert(pc.is_in(t.column("id"), value_set=pa.array(sorted(gone), pa.int64()))))
-            tables.append(t.replace_schema_metadata(None))
-        live = pa.concat_tables(tables).sort_by("id")
-        for k, start in enumerate(range(0, live.num_rows, shard_size)):
-            part = live.slice(start, shard_size)
-            f = write_shard(store, f"{run_dir}/{kind}/part-{k:05d}.parquet", part, metadata, row_group_size)
-            shards.append({**f.to_dict(), "kind": kind})
-        log.info("compacted %d %s shards into %d (%d live rows)", len(sources), kind,
-                 sum(1 for s in shards if s["kind"] == kind), live.num_rows)
+        lo = np.array([s["id_min"] for s in sources], np.int64)
+        hi = np.array([s["id_max"] for s in sources], np.int64)
+        gone = [dead.get(s["path"], np.empty(0, np.int64)) for s in sources]
+        live = np.array([s["rows"] for s in sources], np.int64) - np.array([g.size for g in gone], np.int64)
+        refs = []
+        for k, (a, b) in enumerate(plan_ranges(lo, hi, live, shard_size)):
+            mine = np.flatnonzero((lo <= b) & (hi >= a))
+            src = [(sources[i]["path"], gone[i][(gone[i] >= a) & (gone[i] <= b)]) for i in mine]
+            refs.append(task.remote(store.url, store.storage_options, src, a, b,
+                                    f"{run_dir}/{kind}/part-{k:05d}.parquet", metadata, row_group_size))
+        written = [f for f in ray.get(refs) if f is not None]
+        shards += [{**f, "kind": kind} for f in written]
+        log.info("compacted %d %s shards into %d (%d live rows) with %d Ray tasks", len(sources), kind,
+                 len(written), sum(f["rows"] for f in written), len(refs))
+        if sum(f["rows"] for f in written) != int(live.sum()):
+            raise RuntimeError(f"compaction wrote {sum(f['rows'] for f in written)} {kind} rows, the version has "
+                               f"{int(live.sum())} live; not committing")
     artifacts = {k: v for k, v in parent.artifacts.items() if k != "tombstones"}
     index = parent.artifacts.get("dpr_index")
     if index is not None and ("delta" in index or "removed" in index):

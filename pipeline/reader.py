@@ -9,6 +9,8 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.compress import Compressor
 from pipeline.pack import Packer
@@ -50,6 +52,19 @@ class StateReader:
         self._dead = tombstones.load(store, self.manifest.artifacts.get("tombstones"))
         self._lo = np.array([s["id_min"] for s in self._shards], dtype=np.int64)
         self._hi = np.array([s["id_max"] for s in self._shards], dtype=np.int64)
+        self._by_lo = np.argsort(self._lo, kind="stable")
+        self._lo_sorted = self._lo[self._by_lo]
+
+    def _candidates(self, wanted: np.ndarray) -> np.ndarray:
+        """Shards whose id range holds a wanted id: a binary search over ranges sorted by id_min.
+
+        Base shards' ranges do not overlap; delta shards' do, so candidates are those with
+        id_min <= id (a prefix of the sorted order) and id_max >= id (checked vectorised)."""
+        if wanted.size == 0 or not self._shards:
+            return np.empty(0, np.int64)
+        ends = np.searchsorted(self._lo_sorted, wanted, side="right")
+        hits = [self._by_lo[:e][self._hi[self._by_lo[:e]] >= w] for w, e in zip(wanted, ends)]
+        return np.unique(np.concatenate(hits)) if hits else np.empty(0, np.int64)
 
     def _check_shard(self, shard: dict) -> None:
         path = shard["path"]
@@ -70,24 +85,24 @@ class StateReader:
         for s in self._shards:
             ids = read_rows(self.store, s["path"], columns=["id"]).column("id").to_numpy()
             dead = self._dead.get(s["path"])
-            parts.append(ids[~np.isin(ids, list(dead))] if dead else ids)
+            parts.append(ids[~np.isin(ids, dead)] if dead is not None else ids)
         return np.sort(np.concatenate(parts)) if parts else np.empty(0, np.int64)
 
     def get(self, passage_ids) -> dict[int, PassageStates]:
         """States for each id present in this version; absent ids are simply not in the result."""
         wanted = np.unique(np.asarray(list(passage_ids), dtype=np.int64))
         found: dict[int, PassageStates] = {}
-        for k, shard in enumerate(self._shards):
+        for k in self._candidates(wanted):
+            shard = self._shards[k]
             mine = wanted[(wanted >= self._lo[k]) & (wanted <= self._hi[k])]
-            if mine.size == 0:
-                continue
             self._check_shard(shard)
             table = read_rows(self.store, shard["path"], mine,
                               columns=["id", "n_tokens", "token_ids", "scales", "codes"])
-            dead = self._dead.get(shard["path"], ())
+            dead = self._dead.get(shard["path"])
+            if dead is not None:
+                table = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=pa.array(dead, pa.int64()))))
             for row in table.to_pylist():
-                if row["id"] not in dead:
-                    found[row["id"]] = self._decode(row)
+                found[row["id"]] = self._decode(row)
         return found
 
     def _decode(self, row: dict) -> PassageStates:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.config import RunConfig, digest
 from pipeline.corpus import Corpus
@@ -40,16 +41,32 @@ class Diff:
         return np.union1d(self.changed, self.deleted)
 
 
-def diff(old_ids: np.ndarray, old_hashes: list[bytes], new_ids: np.ndarray, new_hashes: list[bytes]) -> Diff:
-    """Pure: set algebra on ids, then a hash comparison on the common ones."""
-    old = dict(zip(old_ids.tolist(), old_hashes))
-    new = dict(zip(new_ids.tolist(), new_hashes))
-    common = old.keys() & new.keys()
-    changed = sorted(i for i in common if old[i] != new[i])
-    return Diff(new=np.array(sorted(new.keys() - old.keys()), dtype=np.int64),
-                changed=np.array(changed, dtype=np.int64),
-                deleted=np.array(sorted(old.keys() - new.keys()), dtype=np.int64),
-                unchanged=np.array(sorted(common - set(changed)), dtype=np.int64))
+def hash_array(hashes) -> np.ndarray:
+    """Content hashes as one fixed-width numpy bytes array (from a list of bytes or an Arrow column)."""
+    if isinstance(hashes, np.ndarray):
+        return hashes
+    if isinstance(hashes, (pa.Array, pa.ChunkedArray)):
+        col = hashes.combine_chunks() if isinstance(hashes, pa.ChunkedArray) else hashes
+        if pa.types.is_fixed_size_binary(col.type) and col.null_count == 0:
+            width = col.type.byte_width
+            raw = np.frombuffer(col.buffers()[1], dtype=f"S{width}")
+            return raw[col.offset:col.offset + len(col)]
+        hashes = col.to_pylist()
+    return np.array(hashes, dtype=f"S{max((len(h) for h in hashes), default=1)}")
+
+
+def diff(old_ids: np.ndarray, old_hashes, new_ids: np.ndarray, new_hashes) -> Diff:
+    """Pure and vectorised: sort by id, intersect, compare fixed-width hashes; no Python object per row.
+
+    At 32M passages the inputs are 2 x 32M x (8 B id + 16 B hash) = 1.5 GB of numpy arrays."""
+    old_ids, new_ids = np.asarray(old_ids, dtype=np.int64), np.asarray(new_ids, dtype=np.int64)
+    old_h, new_h = hash_array(old_hashes), hash_array(new_hashes)
+    o, n = np.argsort(old_ids, kind="stable"), np.argsort(new_ids, kind="stable")
+    old_ids, old_h, new_ids, new_h = old_ids[o], old_h[o], new_ids[n], new_h[n]
+    common, io, inn = np.intersect1d(old_ids, new_ids, assume_unique=True, return_indices=True)
+    differs = old_h[io] != new_h[inn]
+    return Diff(new=np.setdiff1d(new_ids, common, assume_unique=True), changed=common[differs],
+                deleted=np.setdiff1d(old_ids, common, assume_unique=True), unchanged=common[~differs])
 
 
 # ---------------------------------------------------------------- orchestration
@@ -60,29 +77,43 @@ class FingerprintMismatch(RuntimeError):
     """The update's model/compressor/quantisation differs from the version it would extend."""
 
 
-def live_rows(store: Store, manifest: mf.Manifest, kind: str = "states") -> tuple[np.ndarray, list[bytes], list[str]]:
-    """(ids, content hashes, shard path) of every live row of `kind` in a version."""
+def live_rows(store: Store, manifest: mf.Manifest, kind: str = "states") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, content hashes) of every live row of `kind` in a version, as numpy arrays (hashes: states only)."""
     dead = load_tombstones(store, manifest)
-    ids, hashes, where = [], [], []
+    ids, hashes = [], []
     cols = ["id", "content_hash"] if kind == "states" else ["id"]
     for s in manifest.shards_of(kind):
         t = read_rows(store, s["path"], columns=cols)
-        gone = dead.get(s["path"], set())
-        for i, pid in enumerate(t.column("id").to_pylist()):
-            if pid in gone:
-                continue
-            ids.append(pid)
-            where.append(s["path"])
-            if kind == "states":
-                hashes.append(t.column("content_hash")[i].as_py())
-    return np.asarray(ids, dtype=np.int64), hashes, where
+        i = t.column("id").to_numpy()
+        keep = ~np.isin(i, dead[s["path"]]) if s["path"] in dead else slice(None)
+        ids.append(i[keep])
+        if kind == "states":
+            hashes.append(hash_array(t.column("content_hash"))[keep])
+    return (np.concatenate(ids) if ids else np.empty(0, np.int64),
+            np.concatenate(hashes) if hashes else np.empty(0, "S16"))
 
 
-def load_tombstones(store: Store, manifest: mf.Manifest) -> dict[str, set[int]]:
+def newly_dead(store: Store, manifest: mf.Manifest, remove: np.ndarray) -> dict[str, np.ndarray]:
+    """{shard path: ids of `remove` live in it} over every shard of a version, vectorised per shard."""
+    dead = load_tombstones(store, manifest)
+    out: dict[str, np.ndarray] = {}
+    for s in manifest.shards:
+        if remove.size == 0 or s["id_max"] < remove[0] or s["id_min"] > remove[-1]:
+            continue
+        ids = read_rows(store, s["path"], columns=["id"]).column("id").to_numpy()
+        hit = np.intersect1d(ids, remove)
+        if s["path"] in dead:
+            hit = np.setdiff1d(hit, dead[s["path"]], assume_unique=True)
+        if hit.size:
+            out[s["path"]] = hit
+    return out
+
+
+def load_tombstones(store: Store, manifest: mf.Manifest) -> dict[str, np.ndarray]:
     return tombstones.load(store, manifest.artifacts.get("tombstones"))
 
 
-def write_tombstones(store: Store, rel: str, dead: dict[str, set[int]]) -> dict:
+def write_tombstones(store: Store, rel: str, dead: dict[str, np.ndarray]) -> dict:
     return tombstones.write(store, rel, dead)
 
 
@@ -118,7 +149,7 @@ class UpdatePlan:
 def plan_update(store: Store, corpus: Corpus) -> tuple[mf.Manifest, "object", UpdatePlan]:
     manifest = mf.load(store)
     scan = corpus.scan()
-    old_ids, old_hashes, _ = live_rows(store, manifest)
+    old_ids, old_hashes = live_rows(store, manifest)
     d = diff(old_ids, old_hashes, scan.ids, scan.hashes)
     counts = manifest.counts
     tps = counts.get("tokens", 0) / max(counts.get("written", 1), 1)
@@ -191,12 +222,8 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
 
     # tombstones: the old rows of changed and deleted ids, in the shards that hold them
     dead = load_tombstones(store, parent)
-    remove = set(d.to_remove.tolist())
-    for kind in ("states", "dpr"):
-        ids, _, where = live_rows(store, parent, kind) if parent.shards_of(kind) else (np.empty(0), [], [])
-        for pid, path in zip(ids.tolist(), where):
-            if pid in remove:
-                dead.setdefault(path, set()).add(pid)
+    for path, ids in newly_dead(store, parent, np.unique(d.to_remove)).items():
+        dead[path] = np.union1d(dead.get(path, np.empty(0, np.int64)), ids)
     artifacts = {"compressor": comp}
     if dead:
         artifacts["tombstones"] = write_tombstones(store, f"{ctx.run_dir}/tombstones.parquet", dead)
@@ -237,13 +264,21 @@ def _update_index(cfg, store: Store, run_dir: str, parent: mf.Manifest, d: Diff,
     entry = parent.artifacts["dpr_index"]
     spec = IndexSpec(cfg.store, cfg.storage_options, entry["factory"], cfg.dpr.train_sample if cfg.dpr else 100_000,
                      entry.get("nprobe", 16), cfg.execution.task_cpus)
+    # what the delta would hold since the last compact, not only this update: the delta stays bounded
     touched = d.changed.size + d.new.size + d.deleted.size
+    pending = (entry.get("delta") or {}).get("ntotal", 0) + (entry.get("removed") or {}).get("count", 0)
     base = max(d.unchanged.size + d.changed.size + d.deleted.size, 1)
+    share = (touched + pending) / base
     dpr = [x for x in all_shards if x["kind"] == "dpr"]
-    if touched / base > rebuild_fraction or entry.get("format") != fx.ONDISK:
+    if share > rebuild_fraction or entry.get("format") != fx.ONDISK:
         new = build_index_from(spec, store, run_dir, dpr, dead)
-        why = (f"{touched}/{base} = {touched / base:.1%} changed > {rebuild_fraction:.0%}"
-               if touched / base > rebuild_fraction else f"a whole {entry['factory']} index is rebuilt on update")
+        if share > rebuild_fraction:
+            why = (f"{touched} changed now + {pending} in the delta since the last compact = {share:.1%} of "
+                   f"{base} > {rebuild_fraction:.0%}")
+        elif fx.factory_nlist(entry["factory"], entry["dim"]) is None:
+            why = f"a whole {entry['factory']} index is rebuilt on update"
+        else:
+            why = "the parent's index predates on-disk lists; rebuilt once in the new format"
         return new, f"rebuilt and retrained on the workers ({why})"
     live = sum(x["rows"] for x in dpr) - sum(len(dead.get(x["path"], ())) for x in dpr)
     new = update_delta(spec, store, run_dir, entry, d.to_remove, delta_dpr, live)

@@ -229,7 +229,7 @@ def _check_ids(store: Store, manifest: Manifest, report: VerifyReport) -> None:
         if ids.size and (ids.min() < shard["id_min"] or ids.max() > shard["id_max"]):
             report.problems.append(f"id range mismatch: {shard['path']}")
         gone = dead.get(shard["path"])
-        by_kind.setdefault(shard["kind"], []).append(ids[~np.isin(ids, list(gone))] if gone else ids)
+        by_kind.setdefault(shard["kind"], []).append(ids[~np.isin(ids, gone)] if gone is not None else ids)
     for kind, parts in by_kind.items():
         ids = np.concatenate(parts) if parts else np.empty(0, np.int64)
         uniq, counts = np.unique(ids, return_counts=True)

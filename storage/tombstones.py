@@ -5,6 +5,9 @@ rewriting old shards; readers and verify skip tombstoned rows, and compact drops
 """
 from __future__ import annotations
 
+from typing import Iterable
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -17,21 +20,33 @@ SCHEMA = pa.schema([pa.field("shard", pa.string(), nullable=False), pa.field("id
 TombstoneError = IntegrityError  # the tombstone file is missing or does not match the manifest
 
 
-def load(store: Store, entry: dict | None) -> dict[str, set[int]]:
+def load(store: Store, entry: dict | None) -> dict[str, np.ndarray]:
+    """{shard path: sorted int64 ids}, read column-wise (no Python object per tombstone)."""
     if entry is None:
         return {}
     data = store.read_verified(entry)
     table = pq.read_table(pa.BufferReader(data))
-    out: dict[str, set[int]] = {}
-    for shard, pid in zip(table.column("shard").to_pylist(), table.column("id").to_pylist()):
-        out.setdefault(shard, set()).add(pid)
-    return out
+    shards = table.column("shard").combine_chunks().dictionary_encode()
+    codes = shards.indices.to_numpy(zero_copy_only=False)
+    ids = table.column("id").to_numpy()
+    order = np.lexsort((ids, codes))
+    codes, ids = codes[order], ids[order]
+    cuts = np.flatnonzero(np.diff(codes)) + 1
+    names = shards.dictionary.to_pylist()
+    return {names[int(group[0])]: chunk for group, chunk in zip(np.split(codes, cuts), np.split(ids, cuts))
+            if group.size}
 
 
-def write(store: Store, rel: str, dead: dict[str, set[int]]) -> dict:
-    pairs = sorted((shard, pid) for shard, ids in dead.items() for pid in ids)
-    table = pa.Table.from_arrays([pa.array([p[0] for p in pairs], pa.string()),
-                                  pa.array([p[1] for p in pairs], pa.int64())], schema=SCHEMA)
+def write(store: Store, rel: str, dead: dict[str, Iterable[int]]) -> dict:
+    """One Parquet file of (shard, id), sorted; its checksum goes into the manifest."""
+    paths = sorted(p for p, ids in dead.items() if len(ids))
+    arrays = [np.unique(np.fromiter(dead[p], dtype=np.int64) if not isinstance(dead[p], np.ndarray)
+                        else dead[p].astype(np.int64)) for p in paths]
+    counts = np.array([a.size for a in arrays], dtype=np.int64)
+    shard = pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.arange(len(paths)), counts), pa.int32()),
+                                           pa.array(paths, pa.string())).cast(pa.string())
+    ids = pa.array(np.concatenate(arrays) if arrays else np.empty(0, np.int64), pa.int64())
+    table = pa.Table.from_arrays([shard, ids], schema=SCHEMA)
     data = encode_parquet(table, None, 65536, uncompressed_columns=())
     store.write_bytes(rel, data)
-    return {"path": rel, "sha256": sha256_bytes(data), "bytes": len(data), "rows": len(pairs)}
+    return {"path": rel, "sha256": sha256_bytes(data), "bytes": len(data), "rows": int(counts.sum())}

@@ -26,6 +26,51 @@ def test_diff_is_set_algebra_on_ids_and_hashes():
     assert d.to_encode.tolist() == [3, 5] and d.to_remove.tolist() == [1, 3]
 
 
+def test_vectorised_diff_equals_set_algebra_on_shuffled_ids():
+    rng = np.random.default_rng(4)
+    old_ids = rng.permutation(np.arange(1, 20_001))
+    old_h = [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in old_ids]
+    new = {int(i): h for i, h in zip(old_ids, old_h)}
+    for i in rng.choice(old_ids, 300, replace=False):
+        new[int(i)] = bytes(16)  # changed (an all-zero hash: trailing NULs must still compare unequal)
+    for i in rng.choice(old_ids, 100, replace=False):
+        new.pop(int(i), None)
+    new.update({30_000 + k: bytes([k % 256]) * 16 for k in range(50)})
+    new_ids = rng.permutation(np.fromiter(new, dtype=np.int64))
+    d = diff(old_ids, old_h, new_ids, [new[int(i)] for i in new_ids])
+    old = dict(zip(old_ids.tolist(), old_h))
+    common = old.keys() & new.keys()
+    assert d.changed.tolist() == sorted(i for i in common if old[i] != new[i])
+    assert d.unchanged.tolist() == sorted(i for i in common if old[i] == new[i])
+    assert d.new.tolist() == sorted(new.keys() - old.keys()) and d.deleted.tolist() == sorted(old.keys() - new.keys())
+
+
+def test_tombstones_round_trip_as_sorted_arrays_and_are_checked(tmp_path):
+    from storage import tombstones
+    from storage.fs import IntegrityError
+    store = Store(str(tmp_path / "s"))
+    entry = tombstones.write(store, "t.parquet", {"b.parquet": {9, 3, 5}, "a.parquet": np.array([7, 1, 7]),
+                                                   "empty.parquet": set()})
+    back = tombstones.load(store, entry)
+    assert sorted(back) == ["a.parquet", "b.parquet"] and entry["rows"] == 5
+    assert back["a.parquet"].tolist() == [1, 7] and back["b.parquet"].tolist() == [3, 5, 9]
+    assert back["a.parquet"].dtype == np.int64
+    assert tombstones.load(store, tombstones.write(store, "e.parquet", {})) == {}
+    (tmp_path / "s" / "t.parquet").write_bytes(b"PAR1 not what the manifest hashed")
+    with pytest.raises(IntegrityError):
+        tombstones.load(store, entry)
+
+
+def test_compaction_plan_cuts_id_ranges_by_live_rows_from_the_manifest_alone():
+    from pipeline.compact import plan_ranges
+    lo, hi = np.array([1, 1001, 2001, 50]), np.array([1000, 2000, 3000, 2900])  # the last: a delta spanning all
+    ranges = plan_ranges(lo, hi, np.array([1000, 900, 1000, 30]), 1000)
+    assert ranges[0][0] == 1 and ranges[-1][1] == 3000
+    assert all(b + 1 == c for (_, b), (c, _) in zip(ranges, ranges[1:]))  # contiguous, no gaps, no overlap
+    assert len(ranges) == 3  # 2,930 live rows in shards of ~1,000
+    assert plan_ranges(lo, hi, np.zeros(4, np.int64), 1000) == []
+
+
 def _corpora(tmp_path):
     rows = first_passages(2333)
     rng = np.random.default_rng(0)
