@@ -7,19 +7,17 @@ their own manifests and stay readable until gc retires them.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
 from pipeline.config import RunConfig, digest
 from pipeline.corpus import Corpus
+from pipeline.update_scan import CorpusIds, hash_array, parent_rows, plan_slices, scan_corpus, stage_slices, superseded
 from storage import manifest as mf
 from storage.fs import Store
 from storage import tombstones
-from storage.shards import read_rows
 
 
 @dataclass
@@ -39,20 +37,6 @@ class Diff:
     @property
     def to_remove(self) -> np.ndarray:
         return np.union1d(self.changed, self.deleted)
-
-
-def hash_array(hashes) -> np.ndarray:
-    """Content hashes as one fixed-width numpy bytes array (from a list of bytes or an Arrow column)."""
-    if isinstance(hashes, np.ndarray):
-        return hashes
-    if isinstance(hashes, (pa.Array, pa.ChunkedArray)):
-        col = hashes.combine_chunks() if isinstance(hashes, pa.ChunkedArray) else hashes
-        if pa.types.is_fixed_size_binary(col.type) and col.null_count == 0:
-            width = col.type.byte_width
-            raw = np.frombuffer(col.buffers()[1], dtype=f"S{width}")
-            return raw[col.offset:col.offset + len(col)]
-        hashes = col.to_pylist()
-    return np.array(hashes, dtype=f"S{max((len(h) for h in hashes), default=1)}")
 
 
 def diff(old_ids: np.ndarray, old_hashes, new_ids: np.ndarray, new_hashes) -> Diff:
@@ -75,38 +59,6 @@ log = logging.getLogger(__name__)
 
 class FingerprintMismatch(RuntimeError):
     """The update's model/compressor/quantisation differs from the version it would extend."""
-
-
-def live_rows(store: Store, manifest: mf.Manifest, kind: str = "states") -> tuple[np.ndarray, np.ndarray]:
-    """(ids, content hashes) of every live row of `kind` in a version, as numpy arrays (hashes: states only)."""
-    dead = load_tombstones(store, manifest)
-    ids, hashes = [], []
-    cols = ["id", "content_hash"] if kind == "states" else ["id"]
-    for s in manifest.shards_of(kind):
-        t = read_rows(store, s["path"], columns=cols)
-        i = t.column("id").to_numpy()
-        keep = ~np.isin(i, dead[s["path"]]) if s["path"] in dead else slice(None)
-        ids.append(i[keep])
-        if kind == "states":
-            hashes.append(hash_array(t.column("content_hash"))[keep])
-    return (np.concatenate(ids) if ids else np.empty(0, np.int64),
-            np.concatenate(hashes) if hashes else np.empty(0, "S16"))
-
-
-def newly_dead(store: Store, manifest: mf.Manifest, remove: np.ndarray) -> dict[str, np.ndarray]:
-    """{shard path: ids of `remove` live in it} over every shard of a version, vectorised per shard."""
-    dead = load_tombstones(store, manifest)
-    out: dict[str, np.ndarray] = {}
-    for s in manifest.shards:
-        if remove.size == 0 or s["id_max"] < remove[0] or s["id_min"] > remove[-1]:
-            continue
-        ids = read_rows(store, s["path"], columns=["id"]).column("id").to_numpy()
-        hit = np.intersect1d(ids, remove)
-        if s["path"] in dead:
-            hit = np.setdiff1d(hit, dead[s["path"]], assume_unique=True)
-        if hit.size:
-            out[s["path"]] = hit
-    return out
 
 
 def load_tombstones(store: Store, manifest: mf.Manifest) -> dict[str, np.ndarray]:
@@ -146,11 +98,18 @@ class UpdatePlan:
                 f"of delta shards (superseded rows are tombstoned, reclaimed by `precompute compact` + gc)")
 
 
-def plan_update(store: Store, corpus: Corpus) -> tuple[mf.Manifest, "object", UpdatePlan]:
+def plan_update(store: Store, corpus: Corpus, execution) -> tuple[mf.Manifest, CorpusIds, UpdatePlan]:
+    """Both sides read in Ray tasks into numpy arrays, then the vectorised diff on the driver."""
+    from pipeline.encode import init_ray
+
     manifest = mf.load(store)
-    scan = corpus.scan()
-    old_ids, old_hashes = live_rows(store, manifest)
+    init_ray(execution.ray_address)
+    t0 = time.perf_counter()
+    scan = scan_corpus(corpus, execution.shard_size, execution.task_cpus)
+    old_ids, old_hashes = parent_rows(store, manifest.shards_of("states"), load_tombstones(store, manifest),
+                                      execution.task_cpus)
     d = diff(old_ids, old_hashes, scan.ids, scan.hashes)
+    log.info("diff against version %d in %.1f s: %s", manifest.version, time.perf_counter() - t0, d.counts())
     counts = manifest.counts
     tps = counts.get("tokens", 0) / max(counts.get("written", 1), 1)
     timing = manifest.extra.get("timing") or {}
@@ -189,7 +148,7 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
     t0 = time.perf_counter()
     store = Store(cfg.store, cfg.storage_options)
     corpus = Corpus(cfg.corpus, cfg.storage_options)
-    parent, scan, plan = plan_update(store, corpus)
+    parent, scan, plan = plan_update(store, corpus, cfg.execution)
     comp = parent.artifacts["compressor"]
     prep = runner.prepare(cfg, store, (comp["path"], comp["sha256"], comp["bytes"]), run_dir=None)
     want, have = _comparable(prep.fingerprint), _comparable(parent.fingerprint)
@@ -203,15 +162,18 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
     run_id = digest({"fingerprint": prep.fingerprint, "parent": parent.version, "corpus": scan.digest,
                      "shard_size": cfg.execution.shard_size})
     ctx = dataclasses.replace(prep.ctx, run_dir=f"runs/update-{run_id}")
-    encode = set(d.to_encode.tolist())
-    n_delta = len(encode)
-    n_shards = math.ceil(n_delta / (cfg.execution.shard_size or 10_000)) if n_delta else 0
+    encode = d.to_encode
+    n_delta = int(encode.size)
+    slices = plan_slices(scan.split[np.isin(scan.ids, encode)], len(scan.plan.splits),
+                         cfg.execution.shard_size or 10_000)
+    n_shards = len(slices)
     markers = finished_markers(store, cfg.storage_options, ctx.run_dir, n_shards, cfg.execution.task_cpus)
     pending = [k for k in range(n_shards) if k not in markers]
     log.info("update %s on version %d: %s; %d delta shards, %d already done", run_id, parent.version, d.counts(),
              n_shards, n_shards - len(pending))
     if pending:
-        write_slices(store, corpus, scan, ctx.run_dir, cfg.execution, set(pending), keep_ids=encode)
+        stage_slices(corpus, scan, encode, store, ctx.run_dir, slices, pending, cfg.execution.row_group_size,
+                     cfg.execution.task_cpus)
         done, _ = encode_splits(ctx, [{"index": k} for k in pending], encode_stage)
         markers.update({int(m["shard"]): m for m in done})
         missing = [k for k in pending if k not in markers]
@@ -222,7 +184,7 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
 
     # tombstones: the old rows of changed and deleted ids, in the shards that hold them
     dead = load_tombstones(store, parent)
-    for path, ids in newly_dead(store, parent, np.unique(d.to_remove)).items():
+    for path, ids in superseded(store, parent.shards, dead, d.to_remove, cfg.execution.task_cpus).items():
         dead[path] = np.union1d(dead.get(path, np.empty(0, np.int64)), ids)
     artifacts = {"compressor": comp}
     if dead:
@@ -286,32 +248,3 @@ def _update_index(cfg, store: Store, run_dir: str, parent: mf.Manifest, d: Diff,
               f"(delta holds {new['delta']['ntotal']}, {new['removed']['count']} hidden; compact folds them in)")
     log.info("index %s", action)
     return new, action
-
-
-def write_slices(store: Store, corpus: Corpus, scan, run_dir: str, execution, todo: set[int],
-                 keep_ids: set[int]) -> None:
-    """Staged input slices of the passages to encode: slice k holds rows [k*S, (k+1)*S) of `keep_ids`."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from pipeline.stages import input_path
-    from storage.shards import write_shard
-
-    log.info("writing %d input slices", len(todo))
-    size = execution.shard_size or 10_000
-    wanted = pa.array(sorted(keep_ids), pa.int64())
-
-    def chunks():
-        buf = None
-        for table in corpus.batches(scan, 4096):
-            table = table.filter(pc.is_in(table.column("id"), value_set=wanted))
-            buf = table if buf is None else pa.concat_tables([buf, table])
-            while buf.num_rows >= size:
-                yield buf.slice(0, size)
-                buf = buf.slice(size)
-        if buf is not None and buf.num_rows:
-            yield buf
-
-    for k, table in enumerate(chunks()):
-        if k in todo:
-            write_shard(store, input_path(run_dir, k), table, None, execution.row_group_size)

@@ -2,6 +2,11 @@
 
 A version is one JSON object at `_manifests/v00000042.json`, created exclusively, so a version is
 either fully visible or absent and two writers cannot both claim the same number.
+
+Format 2 keeps the shard list out of the JSON: it lives in checksummed Parquet segments under
+`_shard_tables/`, and a version lists its segments. A commit that extends its parent's shard list
+(a run's resume, an update's delta shards) writes one segment with only the shards it adds, so
+what a commit writes follows the change, not the store. Format 1 (shards inline) still reads.
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST_DIR = "_manifests"
 FORMAT = "decoupled-precompute/manifest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SHARD_TABLE_DIR = "_shard_tables"
+_SEGMENT_KEYS = ("path", "kind", "rows", "bytes", "sha256", "id_min", "id_max")
 _NAME = re.compile(r"^v(\d{8})\.json$")
 
 
@@ -53,6 +60,7 @@ class Manifest:
     artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
     counts: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    segments: list[dict[str, Any]] = field(default_factory=list)  # format 2: where `shards` was read from
 
     def shards_of(self, kind: str) -> list[dict[str, Any]]:
         return [s for s in self.shards if s["kind"] == kind]
@@ -60,15 +68,20 @@ class Manifest:
     def referenced_paths(self) -> set[str]:
         paths = {s["path"] for s in self.shards}
         paths.update(f["path"] for a in self.artifacts.values() for f in artifact_files(a))
+        paths.update(seg["path"] for seg in self.segments)
         return paths
 
     def to_json(self) -> bytes:
         body = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "format": FORMAT, "format_version": FORMAT_VERSION if self.segments else 1,
             "version": self.version, "parent": self.parent, "created_at": self.created_at,
-            "run_id": self.run_id, "fingerprint": self.fingerprint, "shards": self.shards,
+            "run_id": self.run_id, "fingerprint": self.fingerprint,
             "artifacts": self.artifacts, "counts": self.counts, "extra": self.extra,
         }
+        if self.segments:
+            body["shard_table"] = self.segments
+        else:
+            body["shards"] = self.shards
         return json.dumps(body, indent=1, sort_keys=True).encode()
 
     @classmethod
@@ -83,10 +96,12 @@ class Manifest:
             raise ManifestError(f"{where}: format_version {body['format_version']} is newer than "
                                 f"this tool understands ({FORMAT_VERSION}); upgrade the package")
         try:
+            segments = body.get("shard_table", [])
             return cls(version=int(body["version"]), parent=body["parent"], created_at=body["created_at"],
-                       run_id=body["run_id"], fingerprint=body["fingerprint"], shards=body["shards"],
+                       run_id=body["run_id"], fingerprint=body["fingerprint"],
+                       shards=body["shards"] if not segments else [],
                        artifacts=body.get("artifacts", {}), counts=body.get("counts", {}),
-                       extra=body.get("extra", {}))
+                       extra=body.get("extra", {}), segments=segments)
         except KeyError as exc:
             raise ManifestError(f"{where}: missing key {exc}") from exc
 
@@ -125,7 +140,50 @@ def load(store: Store, version: int | None = None) -> Manifest:
     manifest = Manifest.from_json(data, path)
     if manifest.version != version:
         raise ManifestError(f"{path}: says it is version {manifest.version}")
+    if manifest.segments:
+        manifest.shards = [s for seg in manifest.segments for s in _read_segment(store, seg)]
     return manifest
+
+
+def _write_segment(store: Store, rel: str, shards: list[dict]) -> dict:
+    import pyarrow as pa
+
+    from storage.fs import sha256_bytes
+    from storage.shards import encode_parquet
+
+    cols = {k: [s[k] for s in shards] for k in _SEGMENT_KEYS}
+    extra = [json.dumps({k: v for k, v in s.items() if k not in _SEGMENT_KEYS}, sort_keys=True) for s in shards]
+    table = pa.table({**{k: pa.array(v, pa.string() if k in ("path", "kind", "sha256") else pa.int64())
+                         for k, v in cols.items()}, "extra": pa.array(extra, pa.string())})
+    data = encode_parquet(table, None, 65536, uncompressed_columns=())
+    store.write_bytes(rel, data)
+    return {"path": rel, "sha256": sha256_bytes(data), "bytes": len(data), "rows": len(shards)}
+
+
+def _read_segment(store: Store, seg: dict) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(pa.BufferReader(store.read_verified(seg)))
+    cols = {k: table.column(k).to_pylist() for k in (*_SEGMENT_KEYS, "extra")}
+    return [{**{k: cols[k][i] for k in _SEGMENT_KEYS}, **json.loads(cols["extra"][i])} for i in range(table.num_rows)]
+
+
+def _segments_for(store: Store, parent: int | None, shards: list[dict], tag: str) -> list[dict]:
+    """The parent's segments plus one with the shards this commit adds, when it extends the parent's list."""
+    prior: list[dict] = []
+    rest = shards
+    if parent is not None:
+        try:
+            pm = load(store, parent)
+        except NoVersion:
+            pm = None
+        if pm is not None and pm.segments and [s["path"] for s in shards[:len(pm.shards)]] == \
+                [s["path"] for s in pm.shards]:
+            prior, rest = list(pm.segments), shards[len(pm.shards):]
+    if not rest and prior:
+        return prior
+    return prior + [_write_segment(store, f"{SHARD_TABLE_DIR}/{tag}.parquet", rest)]
 
 
 def commit(store: Store, parent: int | None, *, run_id: str, fingerprint: dict, shards: list[dict],
@@ -134,11 +192,14 @@ def commit(store: Store, parent: int | None, *, run_id: str, fingerprint: dict, 
     ids = [s["path"] for s in shards]
     if len(set(ids)) != len(ids):
         raise ValueError("a version cannot list the same shard twice")
+    import uuid
+
+    segments = _segments_for(store, parent, shards, f"v{(parent or 0) + 1:08d}-{uuid.uuid4().hex[:12]}")
     manifest = Manifest(
         version=(parent or 0) + 1, parent=parent,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         run_id=run_id, fingerprint=fingerprint, shards=shards, artifacts=artifacts or {},
-        counts=counts or {}, extra=extra or {},
+        counts=counts or {}, extra=extra or {}, segments=segments,
     )
     payload = manifest.to_json()
     try:
@@ -186,7 +247,8 @@ def verify(store: Store, manifest: Manifest, check_ids: bool = True, threads: in
     from concurrent.futures import ThreadPoolExecutor
 
     report = VerifyReport(version=manifest.version)
-    entries = list(manifest.shards) + [f for a in manifest.artifacts.values() for f in artifact_files(a)]
+    entries = (list(manifest.shards) + [f for a in manifest.artifacts.values() for f in artifact_files(a)]
+               + list(manifest.segments))
     report.checked_files = len(entries)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for problem in pool.map(lambda e: _check_file(store, e), entries):

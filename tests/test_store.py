@@ -159,3 +159,48 @@ def test_manifest_from_a_foreign_or_future_file_is_refused(tmp_path):
     store.write_bytes("_manifests/v00000001.json", b'{"format": "decoupled-precompute/manifest", "format_version": 99}')
     with pytest.raises(mf.ManifestError, match="newer"):
         mf.load(store)
+
+
+def test_a_commit_writes_only_the_shards_it_adds_and_old_versions_still_read(any_store):
+    import json
+
+    from storage.fs import IntegrityError
+    store = Store(*any_store)
+    v1 = _version(store, run="r1", ranges=[(k * 10, k * 10 + 10) for k in range(40)])
+    assert len(v1.segments) == 1 and v1.segments[0]["rows"] == 40
+    added = [_shard(store, "runs/u/states/part-00000.parquet", [1000, 1001])]
+    v2 = mf.commit(store, 1, run_id="u", fingerprint={"m": 1}, shards=list(v1.shards) + added)
+    assert [s["rows"] for s in v2.segments] == [40, 1]  # the parent's segment by reference, one new row
+    loaded = mf.load(store, 2)
+    assert [s["path"] for s in loaded.shards] == [s["path"] for s in v1.shards + added]
+    assert loaded.shards[-1] == {**added[0]}
+    manifest_bytes = store.size(mf.version_path(2))
+    assert b'"shards"' not in store.read_bytes(mf.version_path(2)) and manifest_bytes < 4000
+    assert mf.verify(store, loaded).ok and loaded.referenced_paths() >= {seg["path"] for seg in v2.segments}
+    # a rewrite (compact) starts a fresh table
+    v3 = mf.commit(store, 2, run_id="c", fingerprint={"m": 1}, shards=added)
+    assert [s["rows"] for s in v3.segments] == [1]
+    # format 1 (shards inline), as earlier releases wrote it, still reads
+    legacy = json.loads(store.read_bytes(mf.version_path(1)))
+    legacy.pop("shard_table")
+    legacy.update(format_version=1, shards=v1.shards, version=4, parent=3)
+    store.write_bytes(mf.version_path(4), json.dumps(legacy).encode())
+    assert [s["path"] for s in mf.load(store, 4).shards] == [s["path"] for s in v1.shards]
+    # a damaged segment is refused by checksum
+    store.write_bytes(v2.segments[1]["path"], b"PAR1 damaged")
+    with pytest.raises(IntegrityError):
+        mf.load(store, 2)
+
+
+def test_commit_bytes_follow_the_change_not_the_store(tmp_path):
+    import hashlib
+    store = Store(str(tmp_path))
+    big = [{"path": f"runs/r/states/part-{k:05d}.parquet", "kind": "states", "rows": 10_000, "bytes": 3 << 20,
+            "sha256": hashlib.sha256(str(k).encode()).hexdigest(), "id_min": k * 10_000, "id_max": k * 10_000 + 9_999} for k in range(3_200)]
+    v1 = mf.commit(store, None, run_id="r", fingerprint={}, shards=big)
+    delta = [{**big[0], "path": f"runs/u/states/part-{k:05d}.parquet"} for k in range(3)]
+    v2 = mf.commit(store, 1, run_id="u", fingerprint={}, shards=big + delta)
+    written_v1 = v1.segments[0]["bytes"] + store.size(mf.version_path(1))
+    written_v2 = v2.segments[1]["bytes"] + store.size(mf.version_path(2))
+    assert written_v2 * 20 < written_v1, (written_v1, written_v2)  # 3 shards added to 3,200
+    assert len(mf.load(store, 2).shards) == 3_203
