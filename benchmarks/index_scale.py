@@ -8,7 +8,7 @@ What one size N does (vectors cached under --work-dir by N, dim and recipe):
      as DPR shards store them) as DPR-schema Parquet shards of 10,000 rows, plus delta shards holding
      new vectors for a seeded 1% of the ids, and 1,000 queries (perturbed corpus vectors);
   2. runs each step in its own child process, which is the driver: it starts a local Ray and calls
-     the product's code. Recorded: wall seconds and the driver's peak RSS (getrusage ru_maxrss);
+     the product's code. Recorded: wall seconds and the driver's peak RSS (VmHWM);
        build     build_index_from: sample + train + add parts + merge on disk, on the workers;
        update    update_delta over the 1%: a delta index and the hidden ids;
        rebuild   build_index_from over the updated corpus (what an update without a delta costs);
@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -41,7 +40,9 @@ CLUSTERS = 2_000
 
 
 def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from benchmarks.proc import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 # ---------------------------------------------------------------- data

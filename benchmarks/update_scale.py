@@ -16,7 +16,7 @@ For each store size N (cached under --work-dir):
   3. for each checkout (--before-repo, and this one): a copy of the store, then in child processes
      (each the driver, run from that checkout): `update --dry-run`, `update`, and StateReader.get
      of 10 random ids x 40 (median, p99). Recorded: wall, the driver's CPU seconds and peak RSS
-     (getrusage in the driver itself; Ray's workers are not in it), and the bytes the update's
+     (VmHWM of the driver itself; Ray's workers are not in it), and the bytes the update's
      commit wrote to `_manifests/` and `_shard_tables/`.
 """
 from __future__ import annotations
@@ -26,7 +26,6 @@ import csv
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -109,8 +108,10 @@ def build_store(work: Path, n: int, a: Path, texts: list[str], model: Path) -> P
         f = write_shard(store, f"runs/inflated/states/part-{k:05d}.parquet", t.replace_schema_metadata(None),
                         metadata, 128)
         shards.append({**f.to_dict(), "kind": "states"})
+    extra = json.loads(json.dumps(v1.extra))
+    extra["config"]["corpus"]["limit"] = None  # updates inherit the recorded settings: not the seed run's limit
     m = mf.Manifest(version=2, parent=1, created_at=v1.created_at, run_id="inflated", fingerprint=v1.fingerprint,
-                    shards=shards, artifacts=v1.artifacts, extra=v1.extra,
+                    shards=shards, artifacts=v1.artifacts, extra=extra,
                     counts={**v1.counts, "written": n, "accepted": n, "passages_in": n,
                             "tokens": v1.counts["tokens"] * n // SEED_ROWS})
     store.create_exclusive(mf.version_path(2), m.to_json())  # format 1: no segments
@@ -120,6 +121,12 @@ def build_store(work: Path, n: int, a: Path, texts: list[str], model: Path) -> P
 # ---------------------------------------------------------------- children (each one is a driver)
 
 def child(kind: str, store: str, corpus: str, out: str) -> None:
+    import importlib.util  # this file's helper by path: `benchmarks` on PYTHONPATH is the measured checkout's
+
+    spec = importlib.util.spec_from_file_location("bench_proc", THIS_REPO / "benchmarks" / "proc.py")
+    proc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(proc)
+
     t0, c0 = time.perf_counter(), time.process_time()
     result: dict = {}
     if kind == "reader":
@@ -142,8 +149,7 @@ def child(kind: str, store: str, corpus: str, out: str) -> None:
 
         args = ["update", "--store", store, "--corpus", corpus] + (["--dry-run"] if kind == "dry-run" else [])
         result = {"rc": main(args)}
-    result.update(wall_s=time.perf_counter() - t0, driver_cpu_s=time.process_time() - c0,
-                  driver_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result.update(wall_s=time.perf_counter() - t0, driver_cpu_s=time.process_time() - c0, driver_rss_mb=proc.peak_rss_mb())
     Path(out).write_text(json.dumps(result))
 
 
