@@ -540,8 +540,8 @@ def cmd_update(a) -> int:
     if a.dry_run:
         from pipeline.dryrun import plan_delta
 
-        _, _, plan = plan_update(Store(cfg.store, cfg.storage_options), Corpus(cfg.corpus, cfg.storage_options),
-                                 cfg.execution)
+        plan = plan_update(Store(cfg.store, cfg.storage_options), Corpus(cfg.corpus, cfg.storage_options),
+                           cfg.execution)[-1]
         job = plan_delta(cfg, plan, _gpu_assumptions(a))
         if a.json:
             print(json.dumps({"update": plan.to_dict(), "plan": job.to_dict()}, indent=1))

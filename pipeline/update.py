@@ -14,7 +14,8 @@ import numpy as np
 
 from pipeline.config import RunConfig, digest
 from pipeline.corpus import Corpus
-from pipeline.update_scan import CorpusIds, hash_array, parent_rows, plan_slices, scan_corpus, stage_slices, superseded
+from pipeline.update_scan import (CorpusIds, SplitDiff, assemble_slices, diff_corpus, hash_array, parent_rows,
+                                  plan_slices, superseded)
 from storage import manifest as mf
 from storage.fs import Store
 from storage import tombstones
@@ -98,24 +99,32 @@ class UpdatePlan:
                 f"of delta shards (superseded rows are tombstoned, reclaimed by `precompute compact` + gc)")
 
 
-def plan_update(store: Store, corpus: Corpus, execution) -> tuple[mf.Manifest, CorpusIds, UpdatePlan]:
-    """Both sides read in Ray tasks into numpy arrays, then the vectorised diff on the driver."""
+def plan_update(store: Store, corpus: Corpus, execution,
+                stage_dir: str | None = None) -> tuple[mf.Manifest, CorpusIds, list[SplitDiff], UpdatePlan]:
+    """One pass on the workers: the parent's ids and hashes, then every split compared with them (and the
+    rows to encode staged under `stage_dir`, when given); the driver sets the id arrays against each other."""
     from pipeline.encode import init_ray
 
     manifest = mf.load(store)
     init_ray(execution.ray_address)
     t0 = time.perf_counter()
-    scan = scan_corpus(corpus, execution.shard_size, execution.task_cpus)
     old_ids, old_hashes = parent_rows(store, manifest.shards_of("states"), load_tombstones(store, manifest),
                                       execution.task_cpus)
-    d = diff(old_ids, old_hashes, scan.ids, scan.hashes)
+    scan, parts = diff_corpus(corpus, execution.shard_size, old_ids, old_hashes, store if stage_dir else None,
+                              stage_dir, execution.row_group_size, execution.task_cpus)
+    del old_hashes
+    changed = np.sort(np.concatenate([p.changed for p in parts])) if parts else np.empty(0, np.int64)
+    d = Diff(new=np.sort(np.concatenate([p.new for p in parts])) if parts else np.empty(0, np.int64),
+             changed=changed, deleted=np.setdiff1d(old_ids, scan.ids),
+             unchanged=np.setdiff1d(np.intersect1d(old_ids, scan.ids, assume_unique=True), changed,
+                                    assume_unique=True))
     log.info("diff against version %d in %.1f s: %s", manifest.version, time.perf_counter() - t0, d.counts())
     counts = manifest.counts
     tps = counts.get("tokens", 0) / max(counts.get("written", 1), 1)
     timing = manifest.extra.get("timing") or {}
     rate = timing["tokens"] / timing["encode_seconds"] if timing.get("encode_seconds") else None
     bpp = sum(s["bytes"] for s in manifest.shards) / max(counts.get("written", 1), 1)
-    return manifest, scan, UpdatePlan(manifest.version, d, tps, rate, bpp)
+    return manifest, scan, parts, UpdatePlan(manifest.version, d, tps, rate, bpp)
 
 
 @dataclass
@@ -148,7 +157,10 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
     t0 = time.perf_counter()
     store = Store(cfg.store, cfg.storage_options)
     corpus = Corpus(cfg.corpus, cfg.storage_options)
-    parent, scan, plan = plan_update(store, corpus, cfg.execution)
+    stage_key = {"parent": mf.latest_version(store), "corpus": dataclasses.asdict(cfg.corpus),
+                 "size": cfg.execution.shard_size}
+    stage_dir = f"runs/update-stage-{digest(stage_key)}"  # rows to encode, staged while the corpus is compared
+    parent, scan, parts, plan = plan_update(store, corpus, cfg.execution, stage_dir)
     comp = parent.artifacts["compressor"]
     prep = runner.prepare(cfg, store, (comp["path"], comp["sha256"], comp["bytes"]), run_dir=None)
     want, have = _comparable(prep.fingerprint), _comparable(parent.fingerprint)
@@ -164,16 +176,15 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
     ctx = dataclasses.replace(prep.ctx, run_dir=f"runs/update-{run_id}")
     encode = d.to_encode
     n_delta = int(encode.size)
-    slices = plan_slices(scan.split[np.isin(scan.ids, encode)], len(scan.plan.splits),
-                         cfg.execution.shard_size or 10_000)
+    slices = plan_slices([p.staged_rows for p in parts], cfg.execution.shard_size or 10_000)
     n_shards = len(slices)
     markers = finished_markers(store, cfg.storage_options, ctx.run_dir, n_shards, cfg.execution.task_cpus)
     pending = [k for k in range(n_shards) if k not in markers]
     log.info("update %s on version %d: %s; %d delta shards, %d already done", run_id, parent.version, d.counts(),
              n_shards, n_shards - len(pending))
     if pending:
-        stage_slices(corpus, scan, encode, store, ctx.run_dir, slices, pending, cfg.execution.row_group_size,
-                     cfg.execution.task_cpus)
+        assemble_slices(store, parts, scan.drop, ctx.run_dir, slices, pending, cfg.execution.row_group_size,
+                        cfg.execution.task_cpus)
         done, _ = encode_splits(ctx, [{"index": k} for k in pending], encode_stage)
         markers.update({int(m["shard"]): m for m in done})
         missing = [k for k in pending if k not in markers]

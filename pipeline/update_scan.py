@@ -1,9 +1,10 @@
-"""The update's reads, on the workers: ids and content hashes of the new corpus and of the parent
-version, the parent's rows that a change supersedes, and the passages to encode staged as input slices.
+"""The update's reads, on the workers, in one pass over the corpus.
 
-The driver holds what the diff needs as numpy arrays: 8 B id + 16 B hash + 4 B split per passage of
-the new corpus, 24 B per live passage of the parent (at 32M: ~0.9 GB + 0.8 GB). Everything else
-(corpus text, states) stays on the workers; tasks return arrays of ids and hashes, counts and paths.
+Ray tasks read the parent's id and hash columns; the sorted arrays go into the object store once.
+Each corpus split is then read, checked and hashed once, on a worker that compares it with the
+parent's arrays, stages the rows to encode (new or changed) and returns only ids. The driver holds
+the ids of both sides (8 B each per passage: ~0.5 GB at 32M) plus the parent's hashes until they
+are put in the object store (16 B per passage), and small arrays of new and changed ids.
 """
 from __future__ import annotations
 
@@ -42,45 +43,75 @@ def hash_array(hashes) -> np.ndarray:
 
 @dataclass
 class CorpusIds:
-    """The new corpus as the diff sees it: one row per accepted passage, in plan order."""
-    ids: np.ndarray        # int64
-    hashes: np.ndarray     # S16
-    split: np.ndarray      # int32: the split each row came from
+    """The new corpus as the diff sees it."""
+    ids: np.ndarray        # int64, sorted, unique: every accepted passage
     counts: CorpusCounts
     digest: str
     plan: CorpusPlan
     drop: dict[int, np.ndarray]  # split -> ids whose copy in that split is a later duplicate (keep-first)
 
 
-def _hash_task(corpus_cfg: CorpusConfig, options: dict, splits: list[dict]) -> list[tuple]:
+@dataclass
+class SplitDiff:
+    """What one split's task found: its accepted ids, which of them are new or changed, what it staged."""
+    index: int
+    ids: np.ndarray
+    new: np.ndarray
+    changed: np.ndarray
+    counts: dict
+    digest: str
+    staged: str | None
+    staged_rows: int
+
+
+def _diff_task(corpus_cfg: CorpusConfig, options: dict, store_url: str, store_options: dict, splits: list[dict],
+               parent_ids: np.ndarray, parent_hashes: np.ndarray, stage_dir: str | None,
+               row_group_size: int) -> list[SplitDiff]:
+    """Read, check and hash splits, compare with the parent's sorted arrays, stage the rows to encode."""
     corpus = Corpus(corpus_cfg, options)
+    store = Store(store_url, store_options) if stage_dir else None
     out = []
     for s in splits:
         read = corpus.read_split(Split(**s))
-        out.append((s["index"], read.table.column("id").to_numpy(), hash_array(read.table.column("content_hash")),
-                    read.counts.to_dict(), read.digest))
+        t = read.table
+        ids, hashes = t.column("id").to_numpy(), hash_array(t.column("content_hash"))
+        pos = np.minimum(np.searchsorted(parent_ids, ids), max(parent_ids.size - 1, 0))
+        known = (parent_ids[pos] == ids) if parent_ids.size else np.zeros(ids.size, bool)
+        changed = known & (parent_hashes[pos] != hashes)
+        encode = changed | ~known
+        staged = None
+        if store is not None and encode.any():
+            staged = f"{stage_dir}/split-{s['index']:06d}.parquet"
+            write_shard(store, staged, t.filter(pa.array(encode)).drop_columns(["split"]), None, row_group_size)
+        out.append(SplitDiff(s["index"], ids, ids[~known], ids[changed], read.counts.to_dict(), read.digest,
+                             staged, int(encode.sum())))
     return out
 
 
-def scan_corpus(corpus: Corpus, rows_per_split: int | None, task_cpus: float = 0.5) -> CorpusIds:
-    """Read and check every split in Ray tasks; duplicates across splits follow --on-duplicate."""
+def diff_corpus(corpus: Corpus, rows_per_split: int | None, parent_ids: np.ndarray, parent_hashes: np.ndarray,
+                store: Store | None = None, stage_dir: str | None = None, row_group_size: int = 128,
+                task_cpus: float = 0.5) -> tuple[CorpusIds, list[SplitDiff]]:
+    """One pass over the corpus in Ray tasks; with `stage_dir`, the rows to encode are staged as it goes."""
     import ray
 
     plan = corpus.plan(rows_per_split)
     splits = [s.to_dict() for s in plan.splits]
-    task = ray.remote(num_cpus=task_cpus)(_hash_task)
-    refs = [task.remote(corpus.cfg, corpus.storage_options, splits[i:i + SPLITS_PER_TASK])
+    order = np.argsort(parent_ids, kind="stable")
+    pid, phash = ray.put(parent_ids[order]), ray.put(parent_hashes[order])
+    del order
+    task = ray.remote(num_cpus=task_cpus)(_diff_task)
+    refs = [task.remote(corpus.cfg, corpus.storage_options, store.url if store else "", store.storage_options
+                        if store else {}, splits[i:i + SPLITS_PER_TASK], pid, phash, stage_dir, row_group_size)
             for i in range(0, len(splits), SPLITS_PER_TASK)]
-    parts = sorted((p for r in ray.get(refs) for p in r), key=lambda p: p[0])
+    parts = sorted((p for r in ray.get(refs) for p in r), key=lambda p: p.index)
     counts = CorpusCounts()
     digest = hashlib.sha256()
-    for _, _, _, c, d in parts:
-        for k, v in c.items():
+    for p in parts:
+        for k, v in p.counts.items():
             setattr(counts, k, getattr(counts, k) + v)
-        digest.update(d.encode())
-    ids = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
-    hashes = np.concatenate([p[2] for p in parts]) if parts else np.empty(0, "S16")
-    split = np.concatenate([np.full(p[1].size, p[0], np.int32) for p in parts]) if parts else np.empty(0, np.int32)
+        digest.update(p.digest.encode())
+    ids = np.concatenate([p.ids for p in parts]) if parts else np.empty(0, np.int64)
+    split = np.concatenate([np.full(p.ids.size, p.index, np.int32) for p in parts]) if parts else np.empty(0, np.int32)
     drop: dict[int, np.ndarray] = {}
     uniq, first, cnt = np.unique(ids, return_index=True, return_counts=True)
     if (cnt > 1).any():
@@ -94,12 +125,15 @@ def scan_corpus(corpus: Corpus, rows_per_split: int | None, task_cpus: float = 0
             drop[int(k)] = ids[(split == k) & ~keep]
         counts.skipped_duplicate += int((~keep).sum())
         counts.accepted -= int((~keep).sum())
-        ids, hashes, split = ids[keep], hashes[keep], split[keep]
-    if ids.size == 0:
+        for p in parts:  # a later copy is neither new nor changed: the first one decides
+            if p.index in drop:
+                p.new = np.setdiff1d(p.new, drop[p.index])
+                p.changed = np.setdiff1d(p.changed, drop[p.index])
+    if uniq.size == 0:
         raise CorpusError(f"{corpus.display_url}: no usable passages ({counts.to_dict()})")
-    log.info("corpus %s: %d rows read, %d accepted in %d splits (read on the workers)", corpus.display_url,
-             counts.rows_read, counts.accepted, len(splits))
-    return CorpusIds(ids, hashes, split, counts, digest.hexdigest()[:32], plan, drop)
+    log.info("corpus %s: %d rows read, %d accepted in %d splits (read and compared on the workers)",
+             corpus.display_url, counts.rows_read, counts.accepted, len(splits))
+    return CorpusIds(uniq, counts, digest.hexdigest()[:32], plan, drop), parts
 
 
 def _live_task(store_url: str, options: dict, shards: list[tuple[str, np.ndarray]]) -> tuple:
@@ -162,46 +196,41 @@ def superseded(store: Store, shards: list[dict], dead: dict[str, np.ndarray], re
     return out
 
 
-def plan_slices(split_of_encode: np.ndarray, n_splits: int, slice_rows: int) -> list[list[int]]:
-    """Pure: consecutive splits grouped so that each input slice holds about slice_rows passages to encode."""
+def plan_slices(staged_rows: list[int], slice_rows: int) -> list[list[int]]:
+    """Pure: consecutive staged splits grouped so that each input slice holds about slice_rows passages."""
     from pipeline.index_plan import group_shards
 
-    per_split = np.bincount(split_of_encode, minlength=n_splits)
-    busy = np.flatnonzero(per_split)
-    return [[int(busy[i]) for i in g] for g in group_shards(per_split[busy].tolist(), slice_rows)] if busy.size else []
+    busy = [k for k, n in enumerate(staged_rows) if n]
+    return [[busy[i] for i in g] for g in group_shards([staged_rows[k] for k in busy], slice_rows)] if busy else []
 
 
-def _stage_task(corpus_cfg: CorpusConfig, options: dict, store_url: str, store_options: dict,
-                splits: list[dict], encode: np.ndarray, drop: dict[int, np.ndarray], rel: str,
-                row_group_size: int) -> int:
-    """One input slice: the rows of a group of splits that are to be encoded, in corpus order."""
-    corpus = Corpus(corpus_cfg, options)
-    wanted = pa.array(encode, pa.int64())
+def _assemble_task(store_url: str, store_options: dict, staged: list[tuple[str, np.ndarray]], rel: str,
+                   row_group_size: int) -> int:
+    """One input slice from a group of staged splits (a later duplicate's copy left out)."""
+    store = Store(store_url, store_options)
     tables = []
-    for s in splits:
-        t = corpus.read_split(Split(**s)).table
-        mask = pc.is_in(t.column("id"), value_set=wanted)
-        if s["index"] in drop:
-            mask = pc.and_(mask, pc.invert(pc.is_in(t.column("id"), value_set=pa.array(drop[s["index"]]))))
-        tables.append(t.filter(mask).drop_columns(["split"]))
+    for path, drop in staged:
+        t = read_rows(store, path)
+        if drop.size:
+            t = t.filter(pc.invert(pc.is_in(t.column("id"), value_set=pa.array(drop, pa.int64()))))
+        tables.append(t)
     table = pa.concat_tables(tables)
-    write_shard(Store(store_url, store_options), rel, table, None, row_group_size)
+    write_shard(store, rel, table, None, row_group_size)
     return table.num_rows
 
 
-def stage_slices(corpus: Corpus, scan: CorpusIds, encode: np.ndarray, store: Store, run_dir: str,
-                 slices: list[list[int]], todo: list[int], row_group_size: int, task_cpus: float = 0.5) -> int:
-    """Write input slices `todo` (indexes into `slices`) in Ray tasks; returns the rows staged."""
+def assemble_slices(store: Store, parts: list[SplitDiff], drop: dict[int, np.ndarray], run_dir: str,
+                    slices: list[list[int]], todo: list[int], row_group_size: int, task_cpus: float = 0.5) -> int:
+    """Write input slices `todo` from the staged splits, in Ray tasks; returns the rows staged."""
     import ray
 
     from pipeline.stages import input_path
 
-    by_index = {s.index: s.to_dict() for s in scan.plan.splits}
-    task = ray.remote(num_cpus=task_cpus)(_stage_task)
-    wanted = ray.put(np.asarray(encode, np.int64))
-    refs = [task.remote(corpus.cfg, corpus.storage_options, store.url, store.storage_options,
-                        [by_index[i] for i in slices[k]], wanted, {i: scan.drop[i] for i in slices[k] if i in scan.drop},
+    none = np.empty(0, np.int64)
+    task = ray.remote(num_cpus=task_cpus)(_assemble_task)
+    refs = [task.remote(store.url, store.storage_options,
+                        [(parts[i].staged, drop.get(parts[i].index, none)) for i in slices[k]],
                         input_path(run_dir, k), row_group_size) for k in todo]
     rows = sum(ray.get(refs))
-    log.info("staged %d passages to encode in %d input slices (read on the workers)", rows, len(todo))
+    log.info("assembled %d passages to encode into %d input slices", rows, len(todo))
     return rows
