@@ -202,6 +202,8 @@ def measure(a, n: int) -> dict:
     t0 = time.perf_counter()
     data = build_data(Path(a.work_dir), n, a.dim)
     print(f"[{n:,}] data ready in {time.perf_counter() - t0:.0f} s: {data}", flush=True)
+    import shutil
+    shutil.rmtree(data / "runs", ignore_errors=True)  # an earlier run's build would be reused (its marker matches)
     res = {"n": n, "dim": a.dim, "factory": a.factory, "nprobe": a.nprobe, "train_sample": a.train_sample,
            "part_rows": a.part_rows}
     for step in ("build", "update", "rebuild", "memory", "recall"):
