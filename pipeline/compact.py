@@ -33,35 +33,37 @@ def plan_ranges(id_min: np.ndarray, id_max: np.ndarray, live: np.ndarray, shard_
     if shard_size < 1:
         raise ValueError("shard_size must be positive")
     keep = live > 0
-    lo, hi, n = id_min[keep].astype(np.float64), id_max[keep].astype(np.float64) + 1, live[keep].astype(np.float64)
-    if n.size == 0:
+    if not keep.any():
         return []
+    first, last = int(id_min[keep].min()), int(id_max[keep].max()) + 1  # exact ends, as Python ints
+    lo, hi, n = id_min[keep].astype(np.float64), id_max[keep].astype(np.float64) + 1, live[keep].astype(np.float64)
     points = np.unique(np.concatenate([lo, hi]))
     # cumulative live rows at each point: sum over shards of n * clip((x - lo) / (hi - lo), 0, 1)
-    frac = np.clip((points[None, :] - lo[:, None]) / (hi - lo)[:, None], 0, 1)
+    frac = np.clip((points[None, :] - lo[:, None]) / np.maximum(hi - lo, 1.0)[:, None], 0, 1)
     cum = (n[:, None] * frac).sum(axis=0)
-    total = cum[-1]
-    targets = np.arange(shard_size, total, shard_size, dtype=np.float64)
-    cuts = np.unique(np.floor(np.interp(targets, cum, points)).astype(np.int64))
-    edges = np.concatenate([[int(points[0])], cuts, [int(points[-1])]])
-    return [(int(a), int(b) - 1) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    targets = np.arange(shard_size, cum[-1], shard_size, dtype=np.float64)
+    # the cuts are estimates (floats lose precision past 2^53); the ends are exact, so every id is covered
+    cuts = sorted({c for c in (int(x) for x in np.floor(np.interp(targets, cum, points))) if first < c < last})
+    edges = [first, *cuts, last]
+    return [(a, b - 1) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
 def _rewrite_task(store_url: str, options: dict, sources: list[tuple[str, np.ndarray]], lo: int, hi: int,
-                  rel: str, metadata: dict, row_group_size: int) -> dict | None:
-    """One output shard: the live rows with lo <= id <= hi of its sources, sorted by id."""
+                  rel: str, metadata: dict, row_group_size: int) -> dict:
+    """One output shard: the live rows with lo <= id <= hi of its sources, sorted by id; and what it read."""
     store = Store(store_url, options)
-    tables = []
+    tables, read = [], 0
     for path, gone in sources:
         with store.open(path) as fh:
             t = pq.read_table(fh, filters=[("id", ">=", lo), ("id", "<=", hi)])  # row groups pruned by stats
+        read += t.num_rows
         if gone.size:
             t = t.filter(pc.invert(pc.is_in(t.column("id"), value_set=pa.array(gone, pa.int64()))))
         tables.append(t.replace_schema_metadata(None))
     live = pa.concat_tables(tables).sort_by("id") if tables else None
     if live is None or live.num_rows == 0:
-        return None
-    return write_shard(store, rel, live, metadata, row_group_size).to_dict()
+        return {"file": None, "read": read}
+    return {"file": write_shard(store, rel, live, metadata, row_group_size).to_dict(), "read": read}
 
 
 def compact(store: Store, shard_size: int = 10_000, row_group_size: int = 128) -> mf.Manifest:
@@ -86,20 +88,22 @@ def compact(store: Store, shard_size: int = 10_000, row_group_size: int = 128) -
         lo = np.array([s["id_min"] for s in sources], np.int64)
         hi = np.array([s["id_max"] for s in sources], np.int64)
         gone = [dead.get(s["path"], np.empty(0, np.int64)) for s in sources]
-        live = np.array([s["rows"] for s in sources], np.int64) - np.array([g.size for g in gone], np.int64)
+        rows = np.array([s["rows"] for s in sources], np.int64)
+        # planned by stored rows (a tombstone may name a copy that was never stored); checked by rows read
         refs = []
-        for k, (a, b) in enumerate(plan_ranges(lo, hi, live, shard_size)):
+        for k, (a, b) in enumerate(plan_ranges(lo, hi, rows, shard_size)):
             mine = np.flatnonzero((lo <= b) & (hi >= a))
             src = [(sources[i]["path"], gone[i][(gone[i] >= a) & (gone[i] <= b)]) for i in mine]
             refs.append(task.remote(store.url, store.storage_options, src, a, b,
                                     f"{run_dir}/{kind}/part-{k:05d}.parquet", metadata, row_group_size))
-        written = [f for f in ray.get(refs) if f is not None]
+        results = ray.get(refs)
+        written = [r["file"] for r in results if r["file"] is not None]
         shards += [{**f, "kind": kind} for f in written]
         log.info("compacted %d %s shards into %d (%d live rows) with %d Ray tasks", len(sources), kind,
                  len(written), sum(f["rows"] for f in written), len(refs))
-        if sum(f["rows"] for f in written) != int(live.sum()):
-            raise RuntimeError(f"compaction wrote {sum(f['rows'] for f in written)} {kind} rows, the version has "
-                               f"{int(live.sum())} live; not committing")
+        if sum(r["read"] for r in results) != int(rows.sum()):  # the intervals partition the ids: each row once
+            raise RuntimeError(f"compaction read {sum(r['read'] for r in results)} {kind} rows of "
+                               f"{int(rows.sum())} stored; not committing")
     artifacts = {k: v for k, v in parent.artifacts.items() if k != "tombstones"}
     index = parent.artifacts.get("dpr_index")
     if index is not None and ("delta" in index or "removed" in index):

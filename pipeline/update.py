@@ -176,7 +176,9 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
     ctx = dataclasses.replace(prep.ctx, run_dir=f"runs/update-{run_id}")
     encode = d.to_encode
     n_delta = int(encode.size)
-    slices = plan_slices([p.staged_rows for p in parts], cfg.execution.shard_size or 10_000)
+    # rows each split contributes once later duplicates are dropped (what assembly will write)
+    slices = plan_slices([p.new.size + p.changed.size if p.staged else 0 for p in parts],
+                         cfg.execution.shard_size or 10_000)
     n_shards = len(slices)
     markers = finished_markers(store, cfg.storage_options, ctx.run_dir, n_shards, cfg.execution.task_cpus)
     pending = [k for k in range(n_shards) if k not in markers]

@@ -75,13 +75,17 @@ def _diff_task(corpus_cfg: CorpusConfig, options: dict, store_url: str, store_op
         read = corpus.read_split(Split(**s))
         t = read.table
         ids, hashes = t.column("id").to_numpy(), hash_array(t.column("content_hash"))
-        pos = np.minimum(np.searchsorted(parent_ids, ids), max(parent_ids.size - 1, 0))
-        known = (parent_ids[pos] == ids) if parent_ids.size else np.zeros(ids.size, bool)
-        changed = known & (parent_hashes[pos] != hashes)
+        if parent_ids.size:
+            pos = np.minimum(np.searchsorted(parent_ids, ids), parent_ids.size - 1)
+            known = parent_ids[pos] == ids
+            changed = known & (parent_hashes[pos] != hashes)
+        else:  # a parent with no live rows: everything is new
+            known = changed = np.zeros(ids.size, bool)
         encode = changed | ~known
         staged = None
         if store is not None and encode.any():
-            staged = f"{stage_dir}/split-{s['index']:06d}.parquet"
+            # named by content: a concurrent update of another corpus never overwrites what this one staged
+            staged = f"{stage_dir}/split-{s['index']:06d}-{read.digest[:16]}.parquet"
             write_shard(store, staged, t.filter(pa.array(encode)).drop_columns(["split"]), None, row_group_size)
         out.append(SplitDiff(s["index"], ids, ids[~known], ids[changed], read.counts.to_dict(), read.digest,
                              staged, int(encode.sum())))

@@ -178,8 +178,8 @@ def _segments_for(store: Store, parent: int | None, shards: list[dict], tag: str
             pm = load(store, parent)
         except NoVersion:
             pm = None
-        if pm is not None and pm.segments and [s["path"] for s in shards[:len(pm.shards)]] == \
-                [s["path"] for s in pm.shards]:
+        # whole entries, not paths: a shard rewritten at the same path must not keep its old checksum
+        if pm is not None and pm.segments and shards[:len(pm.shards)] == pm.shards:
             prior, rest = list(pm.segments), shards[len(pm.shards):]
     if not rest and prior:
         return prior

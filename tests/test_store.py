@@ -177,15 +177,19 @@ def test_a_commit_writes_only_the_shards_it_adds_and_old_versions_still_read(any
     manifest_bytes = store.size(mf.version_path(2))
     assert b'"shards"' not in store.read_bytes(mf.version_path(2)) and manifest_bytes < 4000
     assert mf.verify(store, loaded).ok and loaded.referenced_paths() >= {seg["path"] for seg in v2.segments}
+    # a shard rewritten at the same path (a rerun) is a different entry: the parent's table is not reused
+    rewritten = [{**v1.shards[0], "sha256": "f" * 64}, *v1.shards[1:]]
+    v2b = mf.commit(store, 2, run_id="rerun", fingerprint={"m": 1}, shards=rewritten)
+    assert [s["rows"] for s in v2b.segments] == [40] and mf.load(store, 3).shards[0]["sha256"] == "f" * 64
     # a rewrite (compact) starts a fresh table
-    v3 = mf.commit(store, 2, run_id="c", fingerprint={"m": 1}, shards=added)
+    v3 = mf.commit(store, 3, run_id="c", fingerprint={"m": 1}, shards=added)
     assert [s["rows"] for s in v3.segments] == [1]
     # format 1 (shards inline), as earlier releases wrote it, still reads
     legacy = json.loads(store.read_bytes(mf.version_path(1)))
     legacy.pop("shard_table")
-    legacy.update(format_version=1, shards=v1.shards, version=4, parent=3)
-    store.write_bytes(mf.version_path(4), json.dumps(legacy).encode())
-    assert [s["path"] for s in mf.load(store, 4).shards] == [s["path"] for s in v1.shards]
+    legacy.update(format_version=1, shards=v1.shards, version=5, parent=4)
+    store.write_bytes(mf.version_path(5), json.dumps(legacy).encode())
+    assert [s["path"] for s in mf.load(store, 5).shards] == [s["path"] for s in v1.shards]
     # a damaged segment is refused by checksum
     store.write_bytes(v2.segments[1]["path"], b"PAR1 damaged")
     with pytest.raises(IntegrityError):
