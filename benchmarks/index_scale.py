@@ -25,13 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.proc import load_results, measure_sizes
 
 THIS_REPO = Path(__file__).resolve().parents[1]
 RECIPE = "v1"
@@ -248,20 +249,13 @@ def main(argv=None) -> int:
         result = recall(Path(a.data), a) if a.child == "recall" else child(a.child, Path(a.data), a)
         print(json.dumps(result))
         return 0
-    path = Path(a.json)
-    data = json.loads(path.read_text()) if path.exists() else {}
     if a.report:
-        print(render(data))
+        print(render(load_results(a.json)))
         return 0
     if any(n < 20_000 for n in a.sizes):
         p.error("--sizes: at least 20,000 vectors (the default factory has 4,096 lists)")
-    run = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-           "command": " ".join(["python -m benchmarks.index_scale", *(argv or sys.argv[1:])]), "sizes": {}}
-    for n in a.sizes:
-        run["sizes"][str(n)] = measure(a, n)
-        data[a.label] = run
-        path.write_text(json.dumps(data, indent=1))
-    print(render({a.label: run}))
+    measure_sizes(a.json, a.label, "benchmarks.index_scale", argv if argv is not None else sys.argv[1:],
+                  a.sizes, lambda n: measure(a, n), render)
     return 0
 
 

@@ -17,3 +17,29 @@ def peak_rss_mb() -> float:
     except OSError:
         pass  # not Linux: fall back to getrusage below
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_results(path) -> dict:
+    """The results file: {label: {machine, command, sizes: {N: result}}}; empty if it does not exist yet."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def measure_sizes(path, label: str, module: str, argv: list[str], sizes: list[int], measure, render) -> None:
+    """Measure each size in turn, saving after each one (a long run keeps what it finished), then print."""
+    import json
+    import os
+    import platform
+    from pathlib import Path
+
+    data = load_results(path)
+    run = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+           "command": " ".join([f"python -m {module}", *argv]), "sizes": {}}
+    for n in sizes:
+        run["sizes"][str(n)] = measure(n)
+        data[label] = run
+        Path(path).write_text(json.dumps(data, indent=1))
+    print(render({label: run}))

@@ -25,7 +25,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -225,26 +224,20 @@ def main(argv=None) -> int:
     if a.child:
         child(a.child, a.store, a.corpus, a.out)
         return 0
-    path = Path(a.json)
-    data = json.loads(path.read_text()) if path.exists() else {}
+    sys.path.insert(0, str(THIS_REPO))  # the parent is this checkout (a child may run another one's code)
+    from benchmarks.proc import load_results, measure_sizes
     if a.report:
-        print(render(data))
+        print(render(load_results(a.json)))
         return 0
     if not a.before_repo:
         p.error("--before-repo is required to measure (a checkout of the code to compare against)")
     if any(n < SEED_ROWS + 2 * a.change for n in a.sizes):
         p.error(f"--sizes: each must be at least {SEED_ROWS + 2 * a.change:,} for a change of {a.change:,}")
-    sys.path.insert(0, str(THIS_REPO))
     from benchmarks.scale import build_model
     Path(a.work_dir).mkdir(parents=True, exist_ok=True)
     model = build_model(Path(a.work_dir))
-    run = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-           "command": " ".join(["python -m benchmarks.update_scale", *(argv or sys.argv[1:])]), "sizes": {}}
-    for n in a.sizes:
-        run["sizes"][str(n)] = measure(a, n, model)
-        data[a.label] = run
-        path.write_text(json.dumps(data, indent=1))
-    print(render({a.label: run}))
+    measure_sizes(a.json, a.label, "benchmarks.update_scale", argv if argv is not None else sys.argv[1:],
+                  a.sizes, lambda n: measure(a, n, model), render)
     return 0
 
 
