@@ -17,7 +17,9 @@ For each store size N (cached under --work-dir):
      (each the driver, run from that checkout): `update --dry-run`, `update`, and StateReader.get
      of 10 random ids x 40 (median, p99). Recorded: wall, the driver's CPU seconds and peak RSS
      (VmHWM of the driver itself; Ray's workers are not in it), and the bytes the update's
-     commit wrote to `_manifests/` and `_shard_tables/`.
+     commit wrote to `_manifests/` and `_shard_tables/`;
+  4. a second update of the same size (back to corpus A), on the store as the first update left it
+     (so in the code's own manifest format): wall and commit bytes.
 """
 from __future__ import annotations
 
@@ -183,6 +185,10 @@ def measure(a, n: int, model: Path) -> dict:
         r["update"] = run_child(repo, "update", store, corpus_b, work)
         r["update"]["commit_bytes"] = commit_bytes(store, seen)
         r["reader"] = run_child(repo, "reader", store, corpus_b, work)
+        # a second update of the same size (back to corpus A): the store's manifest is now the code's own format
+        seen = {str(p) for d in ("_manifests", "_shard_tables") for p in (store / d).glob("*")}
+        r["update2"] = run_child(repo, "update", store, corpus_a, work)
+        r["update2"]["commit_bytes"] = commit_bytes(store, seen)
         res[label] = r
         print(f"[{n:,}] {label}: {json.dumps(r)}", flush=True)
         shutil.rmtree(store, ignore_errors=True)
@@ -193,14 +199,16 @@ def render(data: dict) -> str:
     lines = []
     for label, run in data.items():
         lines += [f"### {label}: {run['machine']}", "", "| N | code | dry-run wall s | update wall s | update driver CPU s | "
-                  "update driver RSS MB | commit bytes | get(10) median ms | p99 ms |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "update driver RSS MB | commit bytes | 2nd update wall s | 2nd commit bytes | get(10) median ms | p99 ms |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for n, r in sorted(run["sizes"].items(), key=lambda kv: int(kv[0])):
             for code in ("before", "after"):
                 x = r[code]
+                u2 = x.get("update2")
+                second = f"{u2['wall_s']:.1f} | {u2['commit_bytes']:,}" if u2 else "- | -"
                 lines.append(f"| {int(n):,} | {code} | {x['dry_run']['wall_s']:.1f} | {x['update']['wall_s']:.1f} | "
                              f"{x['update']['driver_cpu_s']:.1f} | {x['update']['driver_rss_mb']:.0f} | "
-                             f"{x['update']['commit_bytes']:,} | {x['reader']['get_ms_median']:.1f} | "
+                             f"{x['update']['commit_bytes']:,} | {second} | {x['reader']['get_ms_median']:.1f} | "
                              f"{x['reader']['get_ms_p99']:.1f} |")
         lines.append("")
     return "\n".join(lines)

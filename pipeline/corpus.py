@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,6 @@ from storage.shards import input_schema
 
 log = logging.getLogger(__name__)
 
-_WS = re.compile(r"\s+")
 _EXT_FORMAT = {".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 _ID_MAX = 2**63 - 1
 
@@ -72,7 +70,9 @@ def content_hash(title: str, text: str) -> bytes:
 
 
 def normalise(value: str) -> str:
-    return _WS.sub(" ", unicodedata.normalize("NFC", value)).strip()
+    """NFC, whitespace runs to one space, trimmed. str.split() and re's \\s agree on what whitespace is
+    (both use Py_UNICODE_ISSPACE), so this equals re.sub(r"\\s+", " ", ...).strip() at a third of the cost."""
+    return " ".join(unicodedata.normalize("NFC", value).split())
 
 
 # ---------------------------------------------------------------- raw readers
@@ -578,6 +578,9 @@ class _Validator:
                                               f"(FAISS ids are int64 passage ids)")
         fields = []
         for value in (raw.title, raw.text):
+            if value.__class__ is str and len(value) <= c.max_field_bytes and value.isascii():
+                fields.append(" ".join(value.split()))  # the common case: ASCII is NFC, and has no surrogates
+                continue
             if value is None:
                 value = ""
             if isinstance(value, bytes):
@@ -617,6 +620,9 @@ class _Validator:
 
 
 def _parse_id(value) -> int | None:
+    if value.__class__ is str and value.isascii() and value.isdigit() and len(value) <= 19:  # the common case
+        v = int(value)
+        return v if v <= _ID_MAX else None
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, np.integer)):

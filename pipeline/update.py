@@ -14,8 +14,8 @@ import numpy as np
 
 from pipeline.config import RunConfig, digest
 from pipeline.corpus import Corpus
-from pipeline.update_scan import (CorpusIds, SplitDiff, assemble_slices, diff_corpus, hash_array, parent_rows,
-                                  plan_slices, superseded)
+from pipeline.update_scan import (CorpusIds, SplitDiff, assemble_slices, diff_corpus, hash_array, in_sorted,
+                                  parent_rows, plan_slices, superseded)
 from storage import manifest as mf
 from storage.fs import Store
 from storage import tombstones
@@ -81,10 +81,17 @@ class UpdatePlan:
     tokens_per_passage: float
     encode_tokens_per_s: float | None
     bytes_per_passage: float
+    scan_seconds: float = 0.0  # this plan's pass over parent and corpus: an update makes the same pass again
+
+    def encode_seconds(self) -> float | None:
+        c = self.diff.counts()
+        tokens = (c["new"] + c["changed"]) * self.tokens_per_passage
+        return tokens / self.encode_tokens_per_s if self.encode_tokens_per_s else None
 
     def to_dict(self) -> dict:
         return {"parent": self.parent, "counts": self.diff.counts(), "tokens_per_passage": self.tokens_per_passage,
-                "encode_tokens_per_s": self.encode_tokens_per_s, "bytes_per_passage": self.bytes_per_passage}
+                "encode_tokens_per_s": self.encode_tokens_per_s, "bytes_per_passage": self.bytes_per_passage,
+                "scan_seconds": round(self.scan_seconds, 2), "encode_seconds": self.encode_seconds()}
 
     def render(self) -> str:
         c = self.diff.counts()
@@ -92,9 +99,15 @@ class UpdatePlan:
         tokens = n * self.tokens_per_passage
         eta = f"{tokens / self.encode_tokens_per_s:,.0f} s of encoder time" if self.encode_tokens_per_s else "unknown"
         delta = (c["new"] - c["deleted"]) * self.bytes_per_passage
+        enc = self.encode_seconds()
+        took = (f"~{self.scan_seconds + enc:,.0f} s plus start-up: the same scan ({self.scan_seconds:,.1f} s just now) "
+                f"and ~{enc:,.0f} s of encoding" if enc is not None else
+                f"the same scan ({self.scan_seconds:,.1f} s just now) plus encoding at a rate this store has not "
+                f"recorded yet")
         return (f"update against version {self.parent}: new {c['new']}, changed {c['changed']}, deleted "
                 f"{c['deleted']}, unchanged {c['unchanged']}\n"
                 f"to encode: {n} passages (~{tokens:,.0f} tokens, ~{eta} at the last run's rate)\n"
+                f"an update on this cluster would take {took}\n"
                 f"live storage delta: {delta / 1e6:+,.2f} MB; written: {n * self.bytes_per_passage / 1e6:,.2f} MB "
                 f"of delta shards (superseded rows are tombstoned, reclaimed by `precompute compact` + gc)")
 
@@ -114,17 +127,18 @@ def plan_update(store: Store, corpus: Corpus, execution,
                               stage_dir, execution.row_group_size, execution.task_cpus)
     del old_hashes
     changed = np.sort(np.concatenate([p.changed for p in parts])) if parts else np.empty(0, np.int64)
+    old_ids.sort()
+    kept = in_sorted(scan.ids, old_ids)  # scan.ids is sorted and unique
     d = Diff(new=np.sort(np.concatenate([p.new for p in parts])) if parts else np.empty(0, np.int64),
-             changed=changed, deleted=np.setdiff1d(old_ids, scan.ids),
-             unchanged=np.setdiff1d(np.intersect1d(old_ids, scan.ids, assume_unique=True), changed,
-                                    assume_unique=True))
+             changed=changed, deleted=old_ids[~kept],
+             unchanged=np.setdiff1d(old_ids[kept], changed, assume_unique=True))
     log.info("diff against version %d in %.1f s: %s", manifest.version, time.perf_counter() - t0, d.counts())
     counts = manifest.counts
     tps = counts.get("tokens", 0) / max(counts.get("written", 1), 1)
     timing = manifest.extra.get("timing") or {}
     rate = timing["tokens"] / timing["encode_seconds"] if timing.get("encode_seconds") else None
     bpp = sum(s["bytes"] for s in manifest.shards) / max(counts.get("written", 1), 1)
-    return manifest, scan, parts, UpdatePlan(manifest.version, d, tps, rate, bpp)
+    return manifest, scan, parts, UpdatePlan(manifest.version, d, tps, rate, bpp, time.perf_counter() - t0)
 
 
 @dataclass

@@ -41,6 +41,15 @@ def hash_array(hashes) -> np.ndarray:
     return np.array(hashes, dtype=f"S{max((len(h) for h in hashes), default=1)}")
 
 
+def in_sorted(haystack: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Mask of `values` found in the sorted `haystack`: a binary search each (np.setdiff1d on two
+    unsorted 3.2M arrays takes seconds; this takes tens of milliseconds)."""
+    if haystack.size == 0:
+        return np.zeros(values.size, bool)
+    pos = np.minimum(np.searchsorted(haystack, values), haystack.size - 1)
+    return haystack[pos] == values
+
+
 @dataclass
 class CorpusIds:
     """The new corpus as the diff sees it."""
@@ -117,7 +126,10 @@ def diff_corpus(corpus: Corpus, rows_per_split: int | None, parent_ids: np.ndarr
     ids = np.concatenate([p.ids for p in parts]) if parts else np.empty(0, np.int64)
     split = np.concatenate([np.full(p.ids.size, p.index, np.int32) for p in parts]) if parts else np.empty(0, np.int32)
     drop: dict[int, np.ndarray] = {}
-    uniq, first, cnt = np.unique(ids, return_index=True, return_counts=True)
+    if ids.size < 2 or bool((ids[1:] > ids[:-1]).all()):  # ids in ascending order (the usual dump): unique
+        uniq, cnt = ids, np.ones(ids.size, np.int64)
+    else:
+        uniq, first, cnt = np.unique(ids, return_index=True, return_counts=True)
     if (cnt > 1).any():
         dupes = uniq[cnt > 1]
         if corpus.cfg.on_duplicate == "error":

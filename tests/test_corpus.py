@@ -30,6 +30,24 @@ def test_content_hash_covers_normalised_title_and_text():
     assert content_hash(normalise("T"), normalise(" a \t b ")) == content_hash("T", "a b")
 
 
+def test_normalise_equals_nfc_then_regex_whitespace_on_any_text():
+    """The fast normalise (str.split) must hash exactly as the regex definition stores were built with."""
+    import random
+    import re
+    import unicodedata
+
+    def reference(v: str) -> str:
+        return re.sub(r"\s+", " ", unicodedata.normalize("NFC", v)).strip()
+
+    rnd = random.Random(0)
+    pool = [chr(c) for c in range(0x3100) if not 0xD800 <= c < 0xE000] + list(" \t\n\r\x0b\x0c\x1c\x1f\x85\xa0"
+                                                                            "\u1680\u2000\u200a\u2028\u202f\u3000")
+    samples = ["", " ", "e\u0301 x", "A\u00a0B", "tab\tsep\u2003x ", "\u3000full\u3000width\u3000"]
+    samples += ["".join(rnd.choice(pool) for _ in range(rnd.randint(0, 16))) for _ in range(20_000)]
+    for v in samples:
+        assert normalise(v) == reference(v), repr(v)
+
+
 def test_jsonl_parquet_and_gz_with_mapped_columns(tmp_path):
     rows = first_passages(30)
     with gzip.open(tmp_path / "c.jsonl.gz", "wt") as fh:

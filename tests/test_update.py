@@ -7,6 +7,7 @@ import pytest
 
 from jobs.cli import main as cli
 from pipeline.config import CompressionConfig, CorpusConfig, DprConfig, ExecutionConfig, ModelConfig, RunConfig
+from pipeline.corpus import Corpus
 from pipeline.reader import StateReader
 from pipeline.run import run
 from pipeline.search import Searcher
@@ -43,6 +44,16 @@ def test_vectorised_diff_equals_set_algebra_on_shuffled_ids():
     assert d.changed.tolist() == sorted(i for i in common if old[i] != new[i])
     assert d.unchanged.tolist() == sorted(i for i in common if old[i] == new[i])
     assert d.new.tolist() == sorted(new.keys() - old.keys()) and d.deleted.tolist() == sorted(old.keys() - new.keys())
+
+
+def test_in_sorted_agrees_with_isin():
+    from pipeline.update_scan import in_sorted
+
+    rng = np.random.default_rng(3)
+    for size in (0, 1, 7, 5_000):
+        hay = np.unique(rng.integers(0, 10_000, size))
+        values = rng.integers(-5, 10_005, 3_000)
+        assert (in_sorted(hay, values) == np.isin(values, hay)).all()
 
 
 def test_tombstones_round_trip_as_sorted_arrays_and_are_checked(tmp_path):
@@ -176,6 +187,7 @@ def test_dry_run_counts_and_writes_nothing(updated, capsys):
                 "--layers", "2", "--dims", "8", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "new 0, changed 0, deleted 0, unchanged 2344" in out
+    assert "an update on this cluster would take" in out and "s just now" in out
     assert {f.path for f in store.walk_files()} == files
 
 
@@ -223,3 +235,27 @@ def test_compact_keeps_content_and_drops_shard_count(updated):
         assert np.array_equal(states_after[pid].states, states_before[pid].states)
     assert [[h.id for h in hs] for hs in Searcher(store).search(["rowing boats", "Robert Boulter"], 10)] == hits_before
     assert mf.verify(store, after).ok and m.version == after.version
+
+
+def test_diff_corpus_on_workers_handles_unordered_ids_and_duplicates_across_splits(tmp_path, ray_local):
+    """Ascending ids skip np.unique; shuffled ids with a duplicate in a later split must not."""
+    from pipeline.corpus import content_hash
+    from pipeline.update_scan import diff_corpus
+
+    rows = [(i, f"passage {i} text", f"T{i}") for i in (5, 3, 9, 1, 7, 2, 8, 3, 4)]  # id 3 twice: splits 0 and 2
+    rows[7] = (3, "a later copy of 3", "T3")
+    path = write_tsv(tmp_path / "c.tsv", rows)
+    parent_ids = np.array([1, 2, 3, 4, 6], np.int64)
+    parent_hashes = np.array([content_hash(f"T{i}", f"passage {i} text") for i in (1, 2, 3, 4)] + [b"x" * 16])
+    parent_hashes[1] = b"y" * 16  # id 2 changed
+    with pytest.raises(Exception, match="duplicate passage id"):
+        diff_corpus(Corpus(CorpusConfig(url=str(path))), 3, parent_ids, parent_hashes)
+    scan, parts = diff_corpus(Corpus(CorpusConfig(url=str(path), on_duplicate="keep-first")), 3, parent_ids,
+                              parent_hashes)
+    assert scan.ids.tolist() == [1, 2, 3, 4, 5, 7, 8, 9]
+    assert scan.counts.skipped_duplicate == 1 and scan.counts.accepted == 8
+    assert sorted(np.concatenate([p.new for p in parts]).tolist()) == [5, 7, 8, 9]
+    assert np.concatenate([p.changed for p in parts]).tolist() == [2]  # the later copy of 3 is not "changed"
+    ordered, _ = diff_corpus(Corpus(CorpusConfig(url=str(write_tsv(tmp_path / "o.tsv", sorted(set(rows[:7]) | {rows[8]}))))),
+                             3, parent_ids, parent_hashes)
+    assert ordered.ids.tolist() == [1, 2, 3, 4, 5, 7, 8, 9] and not ordered.drop
