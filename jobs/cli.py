@@ -10,7 +10,6 @@ import sys
 from pipeline.config import (
     BUNDLED_CORPUS,
     BUNDLED_MODEL,
-    CompressionConfig,
     ConfigError,
     CorpusConfig,
     DprConfig,
@@ -43,17 +42,33 @@ def _add_corpus(p: argparse.ArgumentParser) -> None:
     g.add_argument("--corpus", default=BUNDLED_CORPUS,
                    help="fsspec URL, glob or directory (TSV/JSONL/Parquet), or a HF dataset with --format hf "
                         f"(default: {BUNDLED_CORPUS}, the bundled 2,333 Wikipedia passages)")
-    g.add_argument("--format", default="auto", choices=["auto", "tsv", "jsonl", "parquet", "hf"])
-    g.add_argument("--id-column", default="id")
-    g.add_argument("--title-column", default="title")
-    g.add_argument("--text-column", default="text")
-    g.add_argument("--hf-split", default="train")
+    g.add_argument("--format", default="auto", choices=["auto", "tsv", "jsonl", "parquet", "hf"],
+                   help="default auto: from the file extension (.tsv, .jsonl, .parquet, also compressed)")
+    _add_column_map(g)
+    g.add_argument("--hf-split", default="train", help="split of a Hugging Face dataset (default: train)")
     g.add_argument("--on-empty", default="skip", choices=["skip", "error"], help="empty text (default: skip, counted)")
     g.add_argument("--on-invalid-utf8", default="skip", choices=["skip", "error"], help="default: skip, counted")
     g.add_argument("--on-malformed", default="error", choices=["error", "skip"],
                    help="wrong field count, bad id, oversized field (default: error naming file:line)")
-    g.add_argument("--on-duplicate", default="error", choices=["error", "keep-first"])
+    g.add_argument("--on-duplicate", default="error", choices=["error", "keep-first"],
+                   help="a passage id seen twice (default: error; keep-first keeps the earlier row, counted)")
     g.add_argument("--limit", type=int, default=None, help="use only the first N valid passages")
+    g.add_argument("--max-field-bytes", type=int, default=CorpusConfig.max_field_bytes,
+                   help="a title or text longer than this is a malformed row, never buffered (default 1 MiB)")
+
+
+def _add_column_map(g, inherited: bool = False) -> None:
+    """--id/--title/--text-column; for an update, unset means the parent version's recorded mapping."""
+    d = CorpusConfig()
+    default = (lambda v: None) if inherited else (lambda v: v)
+    said = "the parent version's" if inherited else None
+    g.add_argument("--id-column", default=default(d.id_column),
+                   help=f"column (JSON key) of the passage id, an integer (default: {said or d.id_column})")
+    g.add_argument("--title-column", default=default(d.title_column),
+                   help=f"column of the title (default: {said or d.title_column}); '' for a corpus without titles. "
+                        "A column that is missing is an error")
+    g.add_argument("--text-column", default=default(d.text_column),
+                   help=f"column of the passage text (default: {said or d.text_column})")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -73,6 +88,13 @@ def _add_store(p: argparse.ArgumentParser, required: bool = True) -> None:
                         "the standard chain (env, profile, instance role); they are never logged or stored")
 
 
+def _tristate(value: str) -> bool | None:
+    choices = {"auto": None, "true": True, "false": False}
+    if value.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value!r}")
+    return choices[value.lower()]
+
+
 def _model_cfg(a) -> ModelConfig:
     return ModelConfig(name=a.model, revision=a.model_revision, layers=a.layers, max_length=a.max_length,
                        on_too_long=a.on_too_long)
@@ -82,21 +104,27 @@ def _corpus_cfg(a) -> CorpusConfig:
     return CorpusConfig(url=a.corpus, format=a.format, id_column=a.id_column, title_column=a.title_column,
                         text_column=a.text_column, hf_split=a.hf_split, on_empty=a.on_empty,
                         on_invalid_utf8=a.on_invalid_utf8, on_malformed=a.on_malformed,
-                        on_duplicate=a.on_duplicate, limit=a.limit)
+                        on_duplicate=a.on_duplicate, limit=a.limit, max_field_bytes=a.max_field_bytes)
 
 
 # ---------------------------------------------------------------- commands
 
+def run_body(a) -> dict:
+    """`precompute run`'s flags as a job file's mapping: one schema (pipeline.config.run_flags) for both."""
+    from pipeline.config import run_flags
+
+    body: dict = {"store": a.store, "storage_options": _storage_options(a.storage_options)}
+    for (section, key), flag in run_flags().items():
+        body.setdefault(section, {})[key] = getattr(a, flag[2:].replace("-", "_"))
+    if not a.dpr_model:
+        body["dpr"] = None  # no --dpr-model: no DPR pass (a job file leaves out its dpr section)
+    return body
+
+
 def cmd_run(a) -> int:
-    cfg = RunConfig(
-        store=a.store, corpus=_corpus_cfg(a), model=_model_cfg(a),
-        compression=CompressionConfig(dims=a.dims, compressor=a.compressor, fit_sample=a.fit_sample,
-                                      quantize=a.quantize, bits=a.bits, zstd_level=a.zstd_level),
-        execution=ExecutionConfig(ray_address=a.address, device=a.device, num_encoders=a.num_encoders,
-                                  shard_size=a.shard_size, token_budget=a.token_budget),
-        dpr=DprConfig(model=a.dpr_model, pooling=a.dpr_pooling, question_model=a.dpr_question_model,
-                      dtype=a.dpr_dtype, index_factory=a.index_factory, nprobe=a.nprobe) if a.dpr_model else None,
-        storage_options=_storage_options(a.storage_options))
+    from pipeline.config import run_config_from_dict
+
+    cfg = run_config_from_dict(run_body(a))
     if a.dry_run:
         return print_plan(cfg, _gpu_assumptions(a), a.json)
     return run_and_report(cfg, a.summary_json)
@@ -144,32 +172,14 @@ def run_and_report(cfg: RunConfig, summary_json: str | None) -> int:
 
 
 def cmd_fit(a) -> int:
-    import numpy as np
-
     from pipeline.corpus import Corpus
     from pipeline.encoder import pick_device
-    from pipeline.fit import fit_compressor
-    from pipeline.tokenize import model_max_length
+    from pipeline.fit import fit_on_corpus
+    from storage.fs import redact_url, write_url
 
-    model = _model_cfg(a)
-    corpus = Corpus(_corpus_cfg(a))
-    scan = corpus.scan()
-    rng = np.random.default_rng(a.seed)
-    pick = set(rng.choice(scan.n, size=min(a.sample, scan.n), replace=False).tolist())
-    ids, titles, texts, pos = [], [], [], 0
-    for t in corpus.batches(scan, 4096):
-        for i, row in enumerate(t.to_pylist()):
-            if pos + i in pick:
-                ids.append(row["id"]), titles.append(row["title"]), texts.append(row["text"])
-        pos += t.num_rows
-    comp = fit_compressor(model, titles, texts, a.dims, model_max_length(model), pick_device(a.device),
-                          metadata={"fit_ids": json.dumps(sorted(ids)), "seed": str(a.seed)})
-    data = comp.to_bytes()
-    tmp = f"{a.out}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, a.out)
-    print(f"wrote {a.out}: PCA {comp.hidden} -> {comp.dims} fitted on {len(ids)} passages "
+    comp = fit_on_corpus(_model_cfg(a), Corpus(_corpus_cfg(a)), a.dims, a.sample, a.seed, pick_device(a.device))
+    write_url(a.out, comp.to_bytes())
+    print(f"wrote {redact_url(a.out)}: PCA {comp.hidden} -> {comp.dims} fitted on {comp.metadata['passages']} passages "
           f"({comp.metadata['tokens']} tokens); explained variance ratio {comp.metadata['explained_variance_ratio']}")
     return 0
 
@@ -178,36 +188,22 @@ def cmd_fidelity(a) -> int:
     from pipeline.compress import Compressor
     from pipeline.corpus import Corpus
     from pipeline.encoder import pick_device
-    from pipeline.fit import measure_fidelity
-    from pipeline.tokenize import model_max_length
+    from pipeline.fit import fidelity_on_corpus
+    from storage.fs import read_url, redact_url, write_url
 
-    with open(a.compressor, "rb") as fh:
-        comp = Compressor.from_bytes(fh.read(), a.compressor)
-    fit_ids = set(json.loads(comp.metadata.get("fit_ids", "[]")))
+    comp = Compressor.from_bytes(read_url(a.compressor), redact_url(a.compressor))
     model = _model_cfg(a)
-    corpus = Corpus(_corpus_cfg(a))
-    scan = corpus.scan()
-    titles, texts = [], []
-    for t in corpus.batches(scan, 4096):
-        for row in t.to_pylist():
-            if row["id"] not in fit_ids and len(texts) < a.sample:
-                titles.append(row["title"]), texts.append(row["text"])
-    if not texts:
-        raise ConfigError("no held-out passages: every passage was used to fit the compressor")
     modes = [("none", 16), ("int8", 8)] if a.quantize == "both" else [(a.quantize, a.bits)]
-    rows = []
-    for mode, bits in modes:
-        f = measure_fidelity(model, comp, titles, texts, model_max_length(model), pick_device(a.device), mode, bits)
-        rows.append({"quantize": mode, "bits": bits, **f.to_dict()})
-    print(f"fidelity of {a.compressor} ({comp.hidden} -> {comp.dims}), layers {model.layers}+ upper, on "
-          f"{len(texts)} held-out passages (excluded {len(fit_ids)} used for fitting)")
+    rows, measured, excluded = fidelity_on_corpus(model, Corpus(_corpus_cfg(a)), comp, a.sample, modes,
+                                                  pick_device(a.device))
+    print(f"fidelity of {redact_url(a.compressor)} ({comp.hidden} -> {comp.dims}), layers {model.layers}+ upper, on "
+          f"{measured} held-out passages (excluded {excluded} used for fitting)")
     print(f"{'storage':>10} {'token cos':>10} {'p05':>8} {'pooled':>8} {'state rel err':>14}")
     for r in rows:
         print(f"{r['quantize'] + '/' + str(r['bits']):>10} {r['token_cosine']:>10.4f} {r['token_cosine_p05']:>8.4f} "
               f"{r['pooled_cosine']:>8.4f} {r['state_rel_error']:>14.4f}")
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        write_url(a.json, json.dumps(rows, indent=1).encode())
     return 0
 
 
@@ -228,8 +224,6 @@ def _parse_ids(raw: str) -> list[int]:
 
 
 def cmd_lookup(a) -> int:
-    import numpy as np
-
     from pipeline.reader import StateReader
     from storage.fs import Store
 
@@ -241,12 +235,22 @@ def cmd_lookup(a) -> int:
     for pid, ps in found.items():
         arrays[f"token_ids_{pid}"] = ps.token_ids
         arrays[f"states_{pid}"] = ps.states
-    tmp = f"{a.out}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, a.out)
+    _write_npz(a.out, arrays)
     print(f"version {reader.version}: wrote {len(found)} passage(s) to {a.out}"
           + (f"; not in this version: {missing[:20]}{' …' if len(missing) > 20 else ''}" if missing else ""))
     return 0 if not missing else 3
+
+
+def _write_npz(path: str, arrays: dict) -> None:
+    import io
+
+    import numpy as np
+
+    from storage.fs import write_url
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_url(path, buf.getvalue())
 
 
 def cmd_verify(a) -> int:
@@ -315,45 +319,17 @@ def cmd_estimate(a) -> int:
     return 0
 
 
-def _measure_sample(a, tpp: float, ratio: float) -> tuple[float, float]:
+def _measure_sample(a, tpp: float, ratio: float | None) -> tuple[float, float | None]:
     """Tokens per passage (and, with --zstd-ratio unset, the code zstd ratio) from a corpus sample."""
-    import torch
-    import zstandard
-
-    from pipeline.compress import PcaAccumulator
     from pipeline.corpus import Corpus
-    from pipeline.encoder import LayeredEncoder, pad_batch
-    from pipeline.dryrun import tokenized_sample, tokens_per_passage
-    from pipeline.quantize import quantize
+    from pipeline.dryrun import measure_sample
 
-    model = ModelConfig(name=a.model, layers=a.layers)
-    corpus = Corpus(CorpusConfig(url=a.sample_corpus, limit=a.sample_size))
-    t = tokenized_sample(corpus, corpus.scan(), model, a.sample_size)
-    tpp, n = tokens_per_passage(t)
-    log.info("measured %.1f tokens per passage on %d sample passages", tpp, n)
-    if ratio is None:
-        enc = LayeredEncoder(model, torch.device("cpu"))
-        if a.dims > enc.hidden:
-            raise ConfigError(f"--dims {a.dims} exceeds the sample model's hidden size {enc.hidden}")
-        acc, states = PcaAccumulator(enc.hidden), []
-        for start in range(0, len(t.input_ids), 32):
-            ids, types = t.input_ids[start:start + 32], t.token_type_ids[start:start + 32]
-            i, tt, am = pad_batch(ids, types, 0, "cpu")
-            h = enc.embed_and_lower(i, tt, am)
-            for row in range(h.shape[0]):
-                states.append(h[row][am[row].bool()].numpy())
-                acc.update(states[-1])
-        comp = acc.finish(a.dims)
-        zc = zstandard.ZstdCompressor(level=3)
-        raw = packed = 0
-        for s in states:
-            codes, _ = quantize(torch.from_numpy(comp.compress(s)), min(a.bits, 8))
-            raw += codes.numel()
-            packed += len(zc.compress(codes.numpy().tobytes()))
-        ratio = raw / packed
-        log.info("measured zstd ratio %.3f on %d-bit codes of %d passages (%s, %d layers, PCA to %d dims)",
-                 ratio, min(a.bits, 8), len(states), a.model, a.layers, a.dims)
-    return tpp, ratio
+    measured_tpp, measured_ratio = measure_sample(
+        ModelConfig(name=a.model, layers=a.layers),
+        Corpus(CorpusConfig(url=a.sample_corpus, limit=a.sample_size, id_column=a.id_column,
+                            title_column=a.title_column, text_column=a.text_column)),
+        a.sample_size, a.dims, a.bits, with_zstd_ratio=ratio is None)
+    return measured_tpp, ratio if ratio is not None else measured_ratio
 
 
 def cmd_validate(a) -> int:
@@ -375,8 +351,9 @@ def cmd_validate(a) -> int:
         print(json.dumps({**v.__dict__, "ok": v.ok}, indent=1))
     else:
         print(f"version {m.version}: {fp.passages:,} passages, {fp.tokens:,} tokens "
-              f"({v.tokens_per_passage:.1f}/passage), {fp.file_bytes:,} bytes in "
-              f"{len(m.shards_of('states'))} shards; measured zstd ratio on codes {v.zstd_ratio:.3f}")
+              f"({v.tokens_per_passage:.1f}/passage); {mf.sizes(m).render()}")
+        print(f"the states shards ({fp.file_bytes:,} bytes) against the estimate; measured zstd ratio on codes "
+              f"{v.zstd_ratio:.3f}")
         print(f"{'component':<12} {'measured B/token':>17} {'estimate B/token':>17}")
         for k in ("codes", "scales", "token_ids", "per_passage", "container"):
             print(f"{k:<12} {v.measured.get(k, 0):17.3f} {v.estimated.get(k, 0):17.3f}")
@@ -396,63 +373,24 @@ def cmd_validate(a) -> int:
 
 
 def cmd_report(a) -> int:
-    import os as _os
-
     from pipeline.corpus import Corpus
     from pipeline.encoder import pick_device
-    from pipeline.ratedistortion import cheapest_within, plot, sweep
-    from pipeline.tokenize import model_max_length
+    from pipeline.ratedistortion import plot_png, sweep_corpus
+    from storage.fs import redact_url, write_url
 
     model = _model_cfg(a)
-    corpus = Corpus(_corpus_cfg(a))
-    scan = corpus.scan()
-    rows = [r for t in corpus.batches(scan, 4096) for r in t.to_pylist()]
-    import numpy as np
-    order = np.random.default_rng(a.seed).permutation(len(rows))
-    fit_rows = [rows[i] for i in order[: a.fit_sample]]
-    eval_rows = [rows[i] for i in order[a.fit_sample: a.fit_sample + a.sample]]
-    if not eval_rows:
-        raise ConfigError("no held-out passages left: lower --fit-sample")
-    from transformers import AutoConfig
-    hidden = AutoConfig.from_pretrained(model.path, revision=model.revision).hidden_size
-    dims_list = [int(x) for x in a.dims.split(",")] if a.dims else sorted({hidden // 4, hidden * 3 // 8, hidden // 2,
-                                                                           hidden * 3 // 4, hidden})
+    dims_list = [int(x) for x in a.dims.split(",")] if a.dims else None
     bits_list = [float(x) if "." in x else int(x) for x in a.bits.split(",")]
-    points = sweep(model, ([r["title"] for r in fit_rows], [r["text"] for r in fit_rows]),
-                   ([r["title"] for r in eval_rows], [r["text"] for r in eval_rows]), dims_list, bits_list,
-                   model_max_length(model), pick_device(a.device), a.zstd_level)
-    _os.makedirs(a.out_dir, exist_ok=True)
-    lines = [f"# Rate-distortion: {model.name}, input component = lower {model.layers} of its layers, hidden {hidden}",
-             "", f"PCA fitted on {len(fit_rows)} passages; fidelity on {len(eval_rows)} held-out passages = mean "
-             "final-layer token cosine, upper layers on decompressed vs original states. Bytes: codes after "
-             f"per-passage zstd (level {a.zstd_level}) + 2 B float16 scale per token.", "",
-             "| dims | bits | storage | B/token | B/value | token cosine | loss vs unquantised |",
-             "|---:|---:|---|---:|---:|---:|---:|"]
-    for p in points:
-        lines.append(f"| {p.dims} | {p.bits} | {p.storage} | {p.bytes_per_token:.1f} | {p.bytes_per_value:.3f} | "
-                     f"{p.token_cosine:.5f} | {p.delta_vs_unquantised:+.5f} |")
-    lines += ["", "Cheapest storage within 0.002 cosine of unquantised (fp16) at the same dims:", ""]
-    for dims in dims_list:
-        best = cheapest_within(points, dims, 0.002)
-        lines.append(f"- {dims} dims: " + (f"{best.bits}-bit {best.storage}, {best.bytes_per_token:.1f} B/token = "
-                                           f"{best.bytes_per_value:.3f} B/value (cosine {best.token_cosine:.5f})"
-                                           if best else "none"))
-    quarter = hidden // 4
-    best = cheapest_within(points, quarter, 0.002)
-    if best:
-        goal = "meets" if best.bytes_per_value <= 0.625 else "misses"
-        lines += ["", f"At 4x dimension compression ({hidden} -> {quarter}): {best.bytes_per_value:.3f} B per stored value "
-                      f"including scales; this {goal} the 0.625 B/value goal (BERT-base geometry would be "
-                      f"{best.bytes_per_value * 192:.0f} B/token against the paper's 192)."]
-    report = "\n".join(lines) + "\n"
-    with open(_os.path.join(a.out_dir, "rate_distortion.md"), "w") as fh:
-        fh.write(report)
-    with open(_os.path.join(a.out_dir, "rate_distortion.json"), "w") as fh:
-        json.dump([p.to_dict() for p in points], fh, indent=1)
-    plot(points, _os.path.join(a.out_dir, "rate_distortion.png"),
-         f"{model.name.split('/')[-1]}, lower {model.layers} layers, {len(eval_rows)} held-out passages")
+    rd = sweep_corpus(model, Corpus(_corpus_cfg(a)), dims_list, bits_list, a.fit_sample, a.sample, a.seed,
+                      a.zstd_level, pick_device(a.device))
+    report = rd.render()
+    out = a.out_dir.rstrip("/")
+    write_url(f"{out}/rate_distortion.md", report.encode())
+    write_url(f"{out}/rate_distortion.json", json.dumps([p.to_dict() for p in rd.points], indent=1).encode())
+    write_url(f"{out}/rate_distortion.png", plot_png(
+        rd.points, f"{model.name.split('/')[-1]}, lower {model.layers} layers, {rd.eval_passages} held-out passages"))
     print(report)
-    print(f"wrote {a.out_dir}/rate_distortion.md, .json, .png")
+    print(f"wrote {redact_url(out)}/rate_distortion.md, .json, .png")
     return 0
 
 
@@ -471,8 +409,6 @@ def cmd_plan_index(a) -> int:
 
 
 def cmd_search(a) -> int:
-    import numpy as np
-
     from pipeline.search import Searcher
     from storage.fs import Store
 
@@ -498,9 +434,7 @@ def cmd_search(a) -> int:
             if h.states:
                 arrays[f"token_ids_{h.id}"] = h.states.token_ids
                 arrays[f"states_{h.id}"] = h.states.states
-        tmp = f"{a.out}.tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, a.out)
+        _write_npz(a.out, arrays)
     return 0
 
 
@@ -525,7 +459,9 @@ def _update_config(a) -> RunConfig:
     for section, key, value in (("model", "name", a.model), ("model", "layers", a.layers),
                                 ("compression", "dims", a.dims), ("compression", "quantize", a.quantize),
                                 ("compression", "bits", a.bits), ("execution", "shard_size", a.shard_size),
-                                ("corpus", "format", a.format), ("corpus", "on_duplicate", a.on_duplicate)):
+                                ("corpus", "format", a.format), ("corpus", "on_duplicate", a.on_duplicate),
+                                ("corpus", "id_column", a.id_column), ("corpus", "title_column", a.title_column),
+                                ("corpus", "text_column", a.text_column)):
         if value is not None:
             body[section][key] = value
     return run_config_from_dict(body)
@@ -588,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="precompute", description=(
         "Precompute the input component of a decoupled transformer over a passage corpus: encode with the "
         "lower N layers, compress token states, quantise, zstd-pack into versioned Parquet shards."))
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    level = p.add_mutually_exclusive_group()
+    level.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks with errors")
+    level.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="encode a corpus into a new store version", description=(
@@ -601,28 +539,45 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dims", type=int, default=192, help="compressed dims per token (default 192)")
     g.add_argument("--compressor", default=None, help="safetensors file (trained or from fit-compressor); "
                    "default: fit PCA on --fit-sample passages of the corpus and store it")
-    g.add_argument("--fit-sample", type=int, default=512)
-    g.add_argument("--quantize", default="int8", choices=["int8", "none"])
+    g.add_argument("--fit-sample", type=int, default=512,
+                   help="passages sampled uniformly from the corpus to fit the PCA compressor on (default 512)")
+    g.add_argument("--quantize", default="int8", choices=["int8", "none"],
+                   help="int8: k-bit codes + one float16 scale per token (default); none: float16 states")
     g.add_argument("--bits", type=float, default=8, help="bits per code in the int8 container, 2..8; fractional "
                    "values set the level count (5.25 = 37 levels)")
-    g.add_argument("--zstd-level", type=int, default=3)
+    g.add_argument("--zstd-level", type=int, default=3, help="zstd level for each passage's frame (default 3)")
     g = r.add_argument_group("DPR retrieval index (same run, same ids)")
     g.add_argument("--dpr-model", default=None, help="passage encoder, e.g. facebook/dpr-ctx_encoder-single-nq-base "
                    "or bundled:all-minilm-l6-v2 (default: no DPR pass)")
     g.add_argument("--dpr-pooling", default="auto", choices=["auto", "cls", "mean"],
                    help="auto: DPR pooler / sentence-transformers config / CLS")
     g.add_argument("--dpr-question-model", default=None, help="default: the DPR question twin, or the same model")
-    g.add_argument("--dpr-dtype", default="float16", choices=["float16", "float32"])
+    g.add_argument("--dpr-dtype", default="float16", choices=["float16", "float32"],
+                   help="stored embedding dtype (default float16)")
+    g.add_argument("--dpr-revision", default=None, help="hub revision of the DPR model to pin")
+    g.add_argument("--dpr-normalize", default=None, type=_tristate, metavar="{auto,true,false}",
+                   help="L2-normalise embeddings (default auto: as the model's sentence-transformers config says)")
     g.add_argument("--index-factory", default="Flat", help="FAISS factory string, inner product (see plan-index)")
-    g.add_argument("--nprobe", type=int, default=16)
+    g.add_argument("--train-sample", type=int, default=DprConfig.train_sample,
+                   help="vectors sampled uniformly to train an IVF index (default 100000)")
+    g.add_argument("--nprobe", type=int, default=16, help="IVF lists searched per query (default 16)")
     g = r.add_argument_group("execution")
     g.add_argument("--address", default=None, help="Ray address (default: start a local cluster)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="default auto: cuda where the cluster has GPUs")
     g.add_argument("--num-encoders", type=int, default=None, help="encoder actors (default: one per GPU, or 1)")
     g.add_argument("--shard-size", type=int, default=None,
                    help="passages per split, i.e. per shard file (default: about 16 splits, 1,000..10,000 each)")
     g.add_argument("--token-budget", type=int, default=None,
                    help="padded tokens per forward batch (default: 4096 on CPU, 65536 on GPU)")
+    g.add_argument("--row-group-size", type=int, default=ExecutionConfig.row_group_size,
+                   help="passages per Parquet row group: a lookup reads one (default 128)")
+    g.add_argument("--task-cpus", type=float, default=ExecutionConfig.task_cpus,
+                   help="CPUs each read/tokenise/write task declares to Ray (default 0.5)")
+    g.add_argument("--encoder-cpus", type=float, default=ExecutionConfig.encoder_cpus,
+                   help="CPUs each encoder actor declares to Ray (default 1)")
+    g.add_argument("--torch-threads", type=int, default=None,
+                   help="threads of a CPU encoder (default: the node's cores / encoders)")
     g.add_argument("--summary-json", default=None, help="also write the run summary here")
     _add_plan(r)
     r.set_defaults(func=cmd_run)
@@ -678,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--zstd-ratio", type=float, default=None, help="raw/stored code bytes (default 1.0, or measured "
                     "with --sample-corpus)")
     es.add_argument("--sample-corpus", default=None, help="measure tokens/passage (and the zstd ratio) on this corpus")
+    _add_column_map(es)
     es.add_argument("--sample-size", type=int, default=300)
     es.add_argument("--model", default=BUNDLED_MODEL, help="model for --sample-corpus measurements")
     es.add_argument("--layers", type=int, default=3)
@@ -722,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("search", help="DPR search over a store version: ids, scores, titles (and stored states)")
     _add_store(se)
     se.add_argument("question")
-    se.add_argument("-k", type=int, default=10)
+    se.add_argument("-k", type=int, default=10, help="passages to return (default 10)")
     se.add_argument("--with-states", action="store_true", help="also fetch each hit's stored token states")
     se.add_argument("--out", default=None, help="write the hits' token ids and states to this .npz")
     se.add_argument("--version", type=int, default=None)
@@ -739,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--corpus", required=True)
     up.add_argument("--format", default=None, choices=["auto", "tsv", "jsonl", "parquet", "hf"])
     up.add_argument("--on-duplicate", default=None, choices=["error", "keep-first"])
+    _add_column_map(up, inherited=True)
     up.add_argument("--rebuild-fraction", type=float, default=0.2,
                     help="rebuild and retrain the index when more than this share of passages changed (default 0.2)")
     up.add_argument("--model", default=None, help="override (a different fingerprint is refused)")
@@ -771,46 +728,90 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def configure_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose or quiet:  # also when a host (a test, a notebook) configured logging first
+        logging.getLogger().setLevel(level)
+    # Notices a user cannot act on: Ray's token auth being on; Ray Data saying its operator table is off
+    # (the run logs its own progress; -v turns the table back on)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    if not verbose:
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "filelock", "httpx", "transformers", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-# Errors a user can act on: one logged line and an exit code, not a traceback. Named by module so that
-# a command imports only what it uses (verify and gc never load torch or faiss): an exception can only
-# be raised by a module that is already imported, so only those are consulted.
-_USAGE_ERRORS = {"pipeline.config": ("ConfigError",), "pipeline.corpus": ("CorpusError",),
-                 "pipeline.compress": ("CompressorError",)}
-_FAILED_ERRORS = {"storage.manifest": ("NoVersion", "ManifestError", "CommitConflict"),
-                  "storage.fs": ("IntegrityError",), "storage.tombstones": ("TombstoneError",),
-                  "pipeline.search": ("NoIndex",), "pipeline.update": ("FingerprintMismatch",)}
+def guarded(action, verbose: bool = False) -> int:
+    """Run a command; a product error (also one raised in a Ray worker) is one line and its exit code."""
+    from storage.errors import find_product_error, one_line
 
-
-def _loaded(table: dict[str, tuple[str, ...]]) -> tuple[type, ...]:
-    return tuple(getattr(sys.modules[m], n) for m, names in table.items() if m in sys.modules for n in names)
-
-
-def guarded(action) -> int:
-    """Run a command, mapping the errors above to EXIT_USAGE / EXIT_FAILED."""
     try:
         return action()
     except Exception as exc:
-        if isinstance(exc, _loaded(_USAGE_ERRORS)):
-            log.error("%s", exc)
-            return EXIT_USAGE
-        if isinstance(exc, _loaded(_FAILED_ERRORS)):
-            log.error("%s", exc)
-            return EXIT_FAILED
-        raise
+        err = find_product_error(exc)
+        if err is None:
+            raise
+        log.error("%s", one_line(err))
+        if verbose:
+            log.debug("traceback", exc_info=exc)
+        return err.exit_code
+
+
+def _new_local_dir(url: str | None) -> str | None:
+    """A local store path that does not exist yet: removed again if the command fails leaving it empty."""
+    if not url or "://" in url and not url.startswith("file://"):
+        return None
+    path = os.path.abspath(url.removeprefix("file://"))
+    return None if os.path.exists(path) else path
+
+
+def _remove_if_empty(path: str) -> None:
+    for root, _dirs, _files in sorted(os.walk(path), key=lambda t: -len(t[0])):
+        try:
+            os.rmdir(root)  # only succeeds for an empty directory: files are never removed
+        except OSError:
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
-    return guarded(lambda: args.func(args))
+    configure_logging(args.verbose, args.quiet)
+    fresh = _new_local_dir(getattr(args, "store", None))
+    rc = 1
+    try:
+        rc = guarded(lambda: args.func(args), args.verbose)
+        return rc
+    finally:
+        if rc != 0 and fresh and os.path.isdir(fresh):
+            _remove_if_empty(fresh)
+
+
+def exit_process(rc: int) -> None:
+    """End the process once its output is out, without C++ static destructors.
+
+    Under load, pyarrow's thread-pool threads can still be joinable when the interpreter tears
+    down, and libstdc++ then aborts ("terminate called without an active exception", SIGABRT)
+    after the command already succeeded (apache/arrow#34314; reproduced here: 2 of 100 lookup/verify
+    runs under CPU load). Ray is shut down and logs flushed first; then os._exit skips the teardown."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said on it
+            pass
+    os._exit(rc)
+
+
+def entry() -> None:
+    """The `precompute` console script."""
+    exit_process(main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

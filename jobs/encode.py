@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from jobs import jobfile
 from pipeline.config import ConfigError, run_config_from_dict
@@ -41,4 +40,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import exit_process
+
+    exit_process(main())

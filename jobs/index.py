@@ -6,8 +6,6 @@ Keys: store, factory (required); storage_options, train_sample, nprobe, address.
 """
 from __future__ import annotations
 
-import sys
-
 from jobs.jobfile import FlatJob
 
 SCHEMA = {"store": str, "factory": str, "storage_options": dict, "train_sample": int, "nprobe": int, "address": str}
@@ -19,4 +17,6 @@ JOB = FlatJob(
 main = JOB.main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import exit_process
+
+    exit_process(main())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from jobs import jobfile
 from pipeline.config import ConfigError
@@ -74,4 +73,6 @@ def _plan(body: dict):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs.cli import exit_process
+
+    exit_process(main())

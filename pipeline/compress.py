@@ -8,15 +8,20 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from storage.errors import UsageError
 
-class CompressorError(ValueError):
+if TYPE_CHECKING:
+    import torch
+
+
+class CompressorError(UsageError, ValueError):
     """A compressor file is missing tensors, has inconsistent shapes, or is not safetensors."""
 
 
@@ -121,12 +126,18 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 
 
 class TorchCompressor:
+    """The projection on the encoder's device. torch is imported here, not at module level, so that
+    readers (lookup, verify, search) never load it: no torch thread pool alive at their exit."""
+
     def __init__(self, c: Compressor, device, dtype):
+        import torch
+
+        self._linear = torch.nn.functional.linear
         self.weight = torch.as_tensor(c.compress_weight, device=device, dtype=dtype)
         self.bias = torch.as_tensor(c.compress_bias, device=device, dtype=dtype)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(h, self.weight, self.bias)
+        return self._linear(h, self.weight, self.bias)
 
 
 class PcaAccumulator:

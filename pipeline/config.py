@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from storage.errors import UsageError
+
 BUNDLED_MODEL = "bundled:all-minilm-l6-v2"
 BUNDLED_CORPUS = "bundled:wiki_passages_2k"
 
@@ -23,7 +25,7 @@ _CHOICES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration value is invalid; the message names the key."""
 
 
@@ -197,6 +199,21 @@ def digest(obj: Any, n: int = 16) -> str:
 
 _SECTIONS = {"corpus": CorpusConfig, "model": ModelConfig, "compression": CompressionConfig,
              "execution": ExecutionConfig, "dpr": DprConfig}
+
+
+# The one schema both front ends share: every field of a RunConfig section is a YAML key
+# (`section.field`) and a `precompute run` flag. A field whose flag is not `--field-name` is named here.
+_FLAG_NAMES = {("corpus", "url"): "--corpus", ("model", "name"): "--model", ("model", "revision"): "--model-revision",
+               ("execution", "ray_address"): "--address", ("dpr", "model"): "--dpr-model",
+               ("dpr", "revision"): "--dpr-revision", ("dpr", "pooling"): "--dpr-pooling",
+               ("dpr", "normalize"): "--dpr-normalize", ("dpr", "question_model"): "--dpr-question-model",
+               ("dpr", "dtype"): "--dpr-dtype"}
+
+
+def run_flags() -> dict[tuple[str, str], str]:
+    """(section, field) -> `precompute run` flag, for every field of every section."""
+    return {(name, f.name): _FLAG_NAMES.get((name, f.name), "--" + f.name.replace("_", "-"))
+            for name, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
 def run_config_from_dict(body: dict[str, Any]) -> RunConfig:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from pipeline.config import BUNDLED_CORPUS, CorpusConfig, resolve_corpus
 from pipeline.splits import (SourceFile, Split, auto_rows_per_split, estimated_rows, plan_digest,
                              plan_splits)
+from storage.errors import UsageError
 from storage.fs import redact_url
 from storage.shards import input_schema
 
@@ -33,7 +34,7 @@ _EXT_FORMAT = {".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "j
 _ID_MAX = 2**63 - 1
 
 
-class CorpusError(ValueError):
+class CorpusError(UsageError, ValueError):
     """The corpus cannot be used as given; the message names the file (and line) and the fix."""
 
 
@@ -62,6 +63,10 @@ class CorpusScan:
     @property
     def n(self) -> int:
         return int(self.ids.size)
+
+
+_MAP_HINT = ("Map columns with --id-column/--title-column/--text-column (--title-column '' for a corpus "
+             "without titles)")
 
 
 def content_hash(title: str, text: str) -> bytes:
@@ -350,6 +355,11 @@ class _Source:
         c = self.cfg
         return c.id_column, c.title_column, c.text_column
 
+    def _required(self) -> list[str]:
+        """Columns every file must have: the title too, unless the user said there is none (title_column '')."""
+        id_c, title_c, text_c = self._columns()
+        return [id_c, title_c, text_c] if title_c else [id_c, text_c]
+
     def _line_base(self, fh_path: str, start: int):
         """Lines before byte `start`, counted once and only if a message needs a line number."""
         cache: list[int] = []
@@ -403,7 +413,7 @@ class _Source:
                 hint = " (a quoted field spanning lines is not supported)" if '"' in decoded else ""
                 yield _bad(where, offset, f"{len(row)} fields, header has {width}{hint}")
                 continue
-            yield RawRow(row[idx[0]], row[idx[1]], row[idx[2]], where, offset)
+            yield RawRow(row[idx[0]], row[idx[1]] if idx[1] is not None else "", row[idx[2]], where, offset)
 
     def _first_line(self, path: str, limit: int) -> bytes:
         """The header row, which every split of the file needs to map its columns."""
@@ -416,11 +426,39 @@ class _Source:
 
     def _header_index(self, header: list[str], path: str) -> tuple[int, int, int]:
         header = [h.strip().lstrip("\ufeff") for h in header]
-        missing = [c for c in self._columns() if c not in header]
+        missing = [c for c in self._required() if c not in header]
         if missing:
-            raise CorpusError(f"{path}: missing column(s) {missing}; header is {header}. "
-                              f"Map columns with --id-column/--title-column/--text-column")
-        return tuple(header.index(c) for c in self._columns())  # type: ignore[return-value]
+            raise CorpusError(f"{path}: missing column(s) {missing}; header is {header}. " + _MAP_HINT)
+        id_c, title_c, text_c = self._columns()
+        return header.index(id_c), (header.index(title_c) if title_c else None), header.index(text_c)
+
+    def check_columns(self, files: list[SourceFile]) -> None:
+        """On the driver, before anything starts: the first TSV header and first JSONL object name every
+        column the run needs (Parquet footers and HF datasets are checked when they are listed)."""
+        limit = 3 * self.cfg.max_field_bytes
+        for fmt in ("tsv", "jsonl"):
+            first = next((f for f in files if f.fmt == fmt and f.size), None)
+            if first is None:
+                continue
+            path = self.url if self.bundled else first.path
+            if fmt == "tsv":
+                line = self._first_line(path, limit)
+                header = next(csv.reader([line.decode("utf-8", "surrogateescape")], delimiter="\t"), [])
+                self._header_index(header, first.path)
+                continue
+            with self._open(path) as fh:
+                for _, line in _lines(fh, 0, -1, limit):
+                    if line is None or not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except ValueError:
+                        break  # a malformed row: the workers count or report it with its line number
+                    missing = [c for c in self._required() if isinstance(obj, dict) and c not in obj]
+                    if missing:
+                        raise CorpusError(f"{first.path}: the first object has no key(s) {missing}; keys are "
+                                          f"{sorted(obj)[:20]}. " + _MAP_HINT)
+                    break
 
     def _jsonl_rows(self, fh, split: Split) -> Iterator[RawRow]:
         path = split.path
@@ -447,10 +485,10 @@ class _Source:
             if not isinstance(obj, dict):
                 yield _bad(where, offset, "expected a JSON object")
                 continue
-            missing = [c for c in (id_c, text_c) if c not in obj]
+            missing = [c for c in self._required() if c not in obj]
             if missing:
-                raise CorpusError(f"{where}: missing key(s) {missing}; map them with --id-column/--text-column")
-            yield RawRow(obj[id_c], obj.get(title_c, ""), obj[text_c], where, offset)
+                raise CorpusError(f"{where}: missing key(s) {missing}; keys are {sorted(obj)[:20]}. " + _MAP_HINT)
+            yield RawRow(obj[id_c], obj[title_c] if title_c else "", obj[text_c], where, offset)
 
     def _parquet_rows(self, fh, split: Split) -> Iterator[RawRow]:
         path = split.path
@@ -474,12 +512,10 @@ class _Source:
         yield from self._table_rows(table.to_batches(max_chunksize=4096), path, split.start)
 
     def _present(self, names: list[str], path: str) -> list[str]:
-        id_c, title_c, text_c = self._columns()
-        missing = [c for c in (id_c, text_c) if c not in names]
+        missing = [c for c in self._required() if c not in names]
         if missing:
-            raise CorpusError(f"{path}: missing column(s) {missing}; columns are {names}. "
-                              f"Map columns with --id-column/--title-column/--text-column")
-        return [c for c in (id_c, title_c, text_c) if c in names]
+            raise CorpusError(f"{path}: missing column(s) {missing}; columns are {names}. " + _MAP_HINT)
+        return self._required()
 
     def _table_rows(self, batches, path: str, first_row: int = 0) -> Iterator[RawRow]:
         id_c, title_c, text_c = self._columns()
@@ -487,7 +523,7 @@ class _Source:
         for batch in batches:
             cols = batch.to_pydict()
             n = batch.num_rows
-            titles = cols.get(title_c, [""] * n)
+            titles = cols[title_c] if title_c else [""] * n
             for i in range(n):
                 yield RawRow(cols[id_c][i], titles[i], cols[text_c][i], Where(path, row=offset + i), offset + i)
             offset += n
@@ -691,6 +727,7 @@ class Corpus:
         """Splits from one listing (plus Parquet footers); with `limit`, a serial read of that prefix only."""
         source = self._source()
         files = source.files()
+        source.check_columns(files)
         bpr = source.bytes_per_row(files)
         est = estimated_rows(files, bpr)
         if self.cfg.limit is not None:

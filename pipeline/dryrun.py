@@ -90,3 +90,43 @@ def plan_delta(cfg: RunConfig, update, gpu: jobplan.GpuAssumptions) -> jobplan.J
     return jobplan.encode_plan("update", n, cfg.execution.shard_size or 10_000, update.tokens_per_passage, geometry, gpu,
                                written, basis, dpr_geometry=dpr_geometry,
                                notes=(f"diff: {c}",) + ((dpr_note,) if dpr_note else ()))
+
+
+def measure_sample(model: ModelConfig, corpus: Corpus, size: int, dims: int, bits: float,
+                   with_zstd_ratio: bool) -> tuple[float, float | None]:
+    """Tokens per passage on a corpus sample, and (when asked) the zstd ratio of its k-bit codes after PCA."""
+    t = tokenized_sample(corpus, corpus.scan(), model, size)
+    tpp, n = tokens_per_passage(t)
+    log.info("measured %.1f tokens per passage on %d sample passages", tpp, n)
+    if not with_zstd_ratio:
+        return tpp, None
+    import torch
+    import zstandard
+
+    from pipeline.compress import PcaAccumulator
+    from pipeline.config import ConfigError
+    from pipeline.encoder import LayeredEncoder, pad_batch
+    from pipeline.quantize import quantize
+
+    enc = LayeredEncoder(model, torch.device("cpu"))
+    if dims > enc.hidden:
+        raise ConfigError(f"--dims {dims} exceeds the sample model's hidden size {enc.hidden}")
+    acc, states = PcaAccumulator(enc.hidden), []
+    for start in range(0, len(t.input_ids), 32):
+        ids, types = t.input_ids[start:start + 32], t.token_type_ids[start:start + 32]
+        i, tt, am = pad_batch(ids, types, 0, "cpu")
+        h = enc.embed_and_lower(i, tt, am)
+        for row in range(h.shape[0]):
+            states.append(h[row][am[row].bool()].numpy())
+            acc.update(states[-1])
+    comp = acc.finish(dims)
+    zc = zstandard.ZstdCompressor(level=3)
+    raw = packed = 0
+    for s in states:
+        codes, _ = quantize(torch.from_numpy(comp.compress(s)), min(bits, 8))
+        raw += codes.numel()
+        packed += len(zc.compress(codes.numpy().tobytes()))
+    ratio = raw / packed
+    log.info("measured zstd ratio %.3f on %d-bit codes of %d passages (%s, %d layers, PCA to %d dims)",
+             ratio, min(bits, 8), len(states), model.name, model.layers, dims)
+    return tpp, ratio

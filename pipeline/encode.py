@@ -47,9 +47,12 @@ def encode_splits(ctx: StageContext, splits: list[dict], encode_stage: type | No
     gpus = cluster_gpus() if ex.device != "cpu" else 0
     n_enc = ex.num_encoders or max(1, gpus)
     data_ctx = ray.data.DataContext.get_current()
-    saved = data_ctx.target_max_block_size, data_ctx.raise_original_map_exception
+    saved = data_ctx.target_max_block_size, data_ctx.raise_original_map_exception, data_ctx.enable_progress_bars
     data_ctx.target_max_block_size = None  # one split = one block, end to end
     data_ctx.raise_original_map_exception = True  # a CorpusError from a worker stays a CorpusError
+    # Ray Data's operator table reads "0/?" until a block finishes: the run logs its own shard progress;
+    # with -v the table is back
+    data_ctx.enable_progress_bars = logging.getLogger().isEnabledFor(logging.DEBUG)
     try:
         ds = ray.data.from_items([{"split_json": json.dumps(s)} for s in splits], override_num_blocks=len(splits))
         ds = ds.map_batches(PrepareStage, fn_constructor_kwargs={"ctx": ctx}, batch_size=1, batch_format="pyarrow",
@@ -67,7 +70,7 @@ def encode_splits(ctx: StageContext, splits: list[dict], encode_stage: type | No
             raise cause from None
         raise
     finally:
-        data_ctx.target_max_block_size, data_ctx.raise_original_map_exception = saved
+        data_ctx.target_max_block_size, data_ctx.raise_original_map_exception, data_ctx.enable_progress_bars = saved
     return sink.markers, sink.result
 
 

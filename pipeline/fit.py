@@ -1,6 +1,7 @@
 """Fit a compressor on a corpus sample, and measure what it costs the reader (fidelity)."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -8,10 +9,12 @@ import numpy as np
 import torch
 
 from pipeline.compress import Compressor, PcaAccumulator
-from pipeline.config import ModelConfig
+from pipeline.config import ConfigError, ModelConfig
+from pipeline.corpus import Corpus
 from pipeline.encoder import LayeredEncoder, pad_batch, token_budget_batches
 from pipeline.quantize import dequantize, quantize
-from pipeline.tokenize import PairTokenizer
+from pipeline.sample import held_out, random_rows, rows_at
+from pipeline.tokenize import PairTokenizer, model_max_length
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +96,26 @@ def measure_fidelity(model: ModelConfig, compressor: Compressor, titles: list[st
     return Fidelity(passages=len(rel), tokens=int(cos.size), token_cosine=float(cos.mean()),
                     token_cosine_p05=float(np.percentile(cos, 5)), pooled_cosine=float(np.concatenate(pooled).mean()),
                     state_rel_error=float(np.mean(rel)))
+
+
+def fit_on_corpus(model: ModelConfig, corpus: Corpus, dims: int, sample: int, seed: int,
+                  device: torch.device) -> Compressor:
+    """PCA fitted on `sample` passages drawn uniformly (seeded) from a whole corpus; their ids are recorded."""
+    scan = corpus.scan()
+    ids, titles, texts = rows_at(corpus, scan, random_rows(scan.n, sample, seed))
+    return fit_compressor(model, titles, texts, dims, model_max_length(model), device,
+                          metadata={"fit_ids": json.dumps(sorted(ids)), "seed": str(seed)})
+
+
+def fidelity_on_corpus(model: ModelConfig, corpus: Corpus, compressor: Compressor, sample: int,
+                       modes: list[tuple[str, float]], device: torch.device) -> tuple[list[dict], int, int]:
+    """(rows of figures per quantisation mode, passages measured, passages excluded as used for fitting)."""
+    fit_ids = set(json.loads(compressor.metadata.get("fit_ids", "[]")))
+    _, titles, texts = held_out(corpus, fit_ids, sample)
+    if not texts:
+        raise ConfigError("no held-out passages: every passage was used to fit the compressor")
+    rows = []
+    for mode, bits in modes:
+        f = measure_fidelity(model, compressor, titles, texts, model_max_length(model), device, mode, bits)
+        rows.append({"quantize": mode, "bits": bits, **f.to_dict()})
+    return rows, len(texts), len(fit_ids)

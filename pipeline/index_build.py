@@ -25,13 +25,14 @@ import numpy as np
 
 from pipeline import index_plan
 from pipeline.config import RunConfig, digest
+from storage.errors import OperationFailed
 from storage.fs import IntegrityError, Store, sha256_bytes
 from storage.manifest import artifact_files
 
 log = logging.getLogger(__name__)
 
 
-class IndexBuildError(RuntimeError):
+class IndexBuildError(OperationFailed, RuntimeError):
     """The index could not be built (disk, counts); nothing was committed."""
 
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import zstandard
 
+from storage.errors import OperationFailed
 
-class PackError(ValueError):
+
+class PackError(OperationFailed, ValueError):
     """A stored frame does not decode to the size its row says (corrupt or hostile data)."""
 
 

@@ -5,8 +5,12 @@ of two, and the rate-distortion report shows the in-between points are worth hav
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 _FP16_MAX = 65504.0
 _FP16_TINY = 6.2e-5
@@ -24,6 +28,8 @@ def quantize(z: torch.Tensor, bits: float) -> tuple[torch.Tensor, torch.Tensor]:
 
     The scale is rounded to float16 before dividing, so dequantisation uses exactly the stored scale.
     """
+    import torch  # encoder side only: readers dequantise with numpy and never load torch
+
     q = qmax(bits)
     z = z.float()
     scale = (z.abs().amax(dim=-1) / q).clamp(min=_FP16_TINY, max=_FP16_MAX).half()

@@ -5,6 +5,7 @@ of the original ones. PCA axes are nested, so one full-width fit serves every `d
 """
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import asdict, dataclass
 
@@ -112,7 +113,7 @@ def cheapest_within(points: list[RDPoint], dims: int, tolerance: float = 0.002) 
     return min(ok, key=lambda p: p.bytes_per_token) if ok else None
 
 
-def plot(points: list[RDPoint], path: str, title: str) -> None:
+def plot_png(points: list[RDPoint], title: str) -> bytes:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -131,5 +132,67 @@ def plot(points: list[RDPoint], path: str, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    return buf.getvalue()
+
+
+@dataclass
+class RDReport:
+    model: str
+    layers: int
+    hidden: int
+    fit_passages: int
+    eval_passages: int
+    zstd_level: int
+    dims_list: list[int]
+    points: list[RDPoint]
+
+    def render(self) -> str:
+        """The report as Markdown: the table, and the cheapest storage per dims within 0.002 cosine."""
+        lines = [f"# Rate-distortion: {self.model}, input component = lower {self.layers} of its layers, hidden "
+                 f"{self.hidden}", "", f"PCA fitted on {self.fit_passages} passages; fidelity on {self.eval_passages} "
+                 "held-out passages = mean final-layer token cosine, upper layers on decompressed vs original states. "
+                 f"Bytes: codes after per-passage zstd (level {self.zstd_level}) + 2 B float16 scale per token.", "",
+                 "| dims | bits | storage | B/token | B/value | token cosine | loss vs unquantised |",
+                 "|---:|---:|---|---:|---:|---:|---:|"]
+        for p in self.points:
+            lines.append(f"| {p.dims} | {p.bits} | {p.storage} | {p.bytes_per_token:.1f} | {p.bytes_per_value:.3f} | "
+                         f"{p.token_cosine:.5f} | {p.delta_vs_unquantised:+.5f} |")
+        lines += ["", "Cheapest storage within 0.002 cosine of unquantised (fp16) at the same dims:", ""]
+        for dims in self.dims_list:
+            best = cheapest_within(self.points, dims, 0.002)
+            lines.append(f"- {dims} dims: " + (f"{best.bits}-bit {best.storage}, {best.bytes_per_token:.1f} B/token = "
+                                               f"{best.bytes_per_value:.3f} B/value (cosine {best.token_cosine:.5f})"
+                                               if best else "none"))
+        quarter = self.hidden // 4
+        best = cheapest_within(self.points, quarter, 0.002)
+        if best:
+            goal = "meets" if best.bytes_per_value <= 0.625 else "misses"
+            lines += ["", f"At 4x dimension compression ({self.hidden} -> {quarter}): {best.bytes_per_value:.3f} B per "
+                          f"stored value including scales; this {goal} the 0.625 B/value goal (BERT-base geometry "
+                          f"would be {best.bytes_per_value * 192:.0f} B/token against the paper's 192)."]
+        return "\n".join(lines) + "\n"
+
+
+def sweep_corpus(model: ModelConfig, corpus, dims_list: list[int] | None, bits_list: list[float], fit_sample: int,
+                 sample: int, seed: int, zstd_level: int, device: torch.device) -> RDReport:
+    """Fit on `fit_sample` passages of a seeded permutation of the corpus, measure on the next `sample`."""
+    from transformers import AutoConfig
+
+    from pipeline.config import ConfigError
+    from pipeline.sample import columns, corpus_table
+    from pipeline.tokenize import model_max_length
+
+    table = corpus_table(corpus)
+    order = np.random.default_rng(seed).permutation(table.num_rows)
+    _, fit_titles, fit_texts = columns(table, order[:fit_sample])
+    _, eval_titles, eval_texts = columns(table, order[fit_sample:fit_sample + sample])
+    if not eval_texts:
+        raise ConfigError("no held-out passages left: lower --fit-sample")
+    hidden = AutoConfig.from_pretrained(model.path, revision=model.revision).hidden_size
+    dims_list = dims_list or sorted({hidden // 4, hidden * 3 // 8, hidden // 2, hidden * 3 // 4, hidden})
+    points = sweep(model, (fit_titles, fit_texts), (eval_titles, eval_texts), dims_list, bits_list,
+                   model_max_length(model), device, zstd_level)
+    return RDReport(model.name, model.layers, hidden, len(fit_texts), len(eval_texts), zstd_level, dims_list, points)

@@ -23,6 +23,7 @@ from pipeline.config import ModelConfig, RunConfig, digest, fingerprint
 from pipeline.corpus import Corpus, CorpusCounts, CorpusError, CorpusPlan
 from pipeline.dedupe import find_duplicates
 from pipeline.encode import cluster_gpus, encode_splits, init_ray, worker_cause
+from pipeline.preflight import check_compressor, preflight_run
 from pipeline.encoder import model_revision, pick_device
 from pipeline.fit import fit_compressor
 from pipeline.index_build import build_index
@@ -33,7 +34,7 @@ from pipeline.stages import EncodeStage, StageContext, shard_of
 from pipeline.tokenize import model_max_length
 from storage import manifest as mf
 from storage import tombstones
-from storage.fs import Store, sha256_bytes
+from storage.fs import Store, read_url, redact_url, sha256_bytes
 from storage.shards import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class RunSummary:
     wall_seconds: float
     encode_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # mf.Sizes.to_dict(): the vocabulary validate uses
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,8 +68,8 @@ class RunSummary:
         verb = "committed as" if self.committed else "already committed as"
         return (f"{self.written} passages written of {self.passages_in} read; skipped: {skipped}; "
                 f"truncated: {self.truncated}\n"
-                f"{self.tokens} tokens, {self.bytes / 1e6:.2f} MB in {self.shards} shards "
-                f"({self.shards_resumed} reused from an earlier attempt, "
+                f"{self.tokens} tokens; {mf.Sizes.from_dict(self.sizes).render()}\n"
+                f"{self.shards} states shards ({self.shards_resumed} reused from an earlier attempt, "
                 f"{self.passages_encoded_this_run} passages encoded now)\n"
                 f"{verb} version {self.version} of {self.store} in {self.wall_seconds:.1f} s\n"
                 f"staging: none (the corpus is read in place by the workers); files of interrupted "
@@ -108,13 +110,9 @@ def _obtain_compressor(cfg: RunConfig, store: Store, plan: CorpusPlan, revision:
     """(store path, sha256, bytes) of the compressor artifact, fitting one if none was given."""
     c = cfg.compression
     if c.compressor:
-        import fsspec
-
-        with fsspec.open(c.compressor, "rb") as fh:
-            data = fh.read()
-        comp = Compressor.from_bytes(data, c.compressor)
-        if comp.dims != c.dims:
-            raise ValueError(f"--compressor {c.compressor} projects to {comp.dims} dims, but --dims {c.dims}")
+        data = read_url(c.compressor, cfg.storage_options)
+        where = redact_url(c.compressor)
+        check_compressor(Compressor.from_bytes(data, where), where, c.dims, None)
         sha = sha256_bytes(data)
         rel = f"artifacts/compressor-{sha[:16]}.safetensors"
     else:
@@ -195,11 +193,12 @@ def check_index_config(cfg: RunConfig, n_passages: int) -> None:
 def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
     """Encode and commit. `encode_stage` exists so tests can inject a worker that dies mid-run."""
     t_start = time.perf_counter()
-    store = Store(cfg.store, cfg.storage_options)
+    preflight_run(cfg)
     corpus = Corpus(cfg.corpus, cfg.storage_options)
     log.info("phase: plan (listing %s)", corpus.display_url)
     plan = corpus.plan(cfg.execution.shard_size)
     check_index_config(cfg, plan.estimated_rows)
+    store = Store(cfg.store, cfg.storage_options)  # a local store's directory appears only now
     init_ray(cfg.execution.ray_address)
     max_length = model_max_length(cfg.model)
     revision = model_revision(cfg.model)
@@ -219,7 +218,7 @@ def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
     if not pending:
         return commit([])
     log.info("phase: encode")
-    with FirstShardWatch(store, ctx.run_dir, set(resumed), t_start):
+    with ProgressWatch(store, ctx.run_dir, set(resumed), len(pending), plan.rows_per_split, t_start):
         _, summary = encode_splits(ctx, [plan.splits[k].to_dict() for k in pending], encode_stage,
                                    on_complete=commit)
     if summary is None:
@@ -227,39 +226,63 @@ def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
     return summary
 
 
-class FirstShardWatch:
-    """Says when the first shard of this attempt lands: a listing a second until it does, then
-    nothing. Time to the first shard is what a user waits before the run shows it works."""
+class ProgressWatch:
+    """A line a person can read while shards are encoded: shards done of total, passages/s, ETA.
 
-    def __init__(self, store: Store, run_dir: str, already: set[int], t_start: float, every_s: float = 1.0):
+    One listing of the run's markers a second until the first shard of this attempt lands (the
+    time a user waits before the run shows it works), then one every `every_s`, logged when the
+    count moved. A listing, never a request per shard."""
+
+    def __init__(self, store: Store, run_dir: str, already: set[int], total: int, rows_per_shard: int,
+                 t_start: float, every_s: float = 10.0):
         import threading
 
         self.store, self.prefix, self.already, self.t_start = store, f"{run_dir}/states", already, t_start
-        self.every_s = every_s
+        self.total, self.rows_per_shard, self.every_s = total, rows_per_shard, every_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="first-shard-watch", daemon=True)
+        self._lock = threading.Lock()
+        self._shown = 0
+        self._thread = threading.Thread(target=self._watch, name="progress-watch", daemon=True)
 
-    def __enter__(self) -> "FirstShardWatch":
+    def __enter__(self) -> "ProgressWatch":
+        self._t0 = time.perf_counter()
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if exc_type is None and not self._thread.is_alive():
+            self._check()  # the last shards may land between two listings: the final count is always said
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.every_s):
+        while not self._stop.wait(1.0 if self._shown == 0 else self.every_s):
+            self._check()
+
+    def _check(self) -> None:
+        with self._lock:
             try:
-                done = [f.path for f in self.store.list(self.prefix) if f.path.endswith(".done.json")]
-            except OSError as exc:  # a flaky listing only delays this message
-                log.debug("first-shard watch: listing failed (%s)", exc)
-                continue
-            new = [p for p in done if shard_of(p) not in self.already]
-            if new:
-                shard = shard_of(min(new))
-                log.info("first encoded shard: shard %d done after %.1f s", shard,
-                         time.perf_counter() - self.t_start)
+                done = {shard_of(f.path) for f in self.store.list(self.prefix) if f.path.endswith(".done.json")}
+            except (OSError, ValueError) as exc:  # a flaky listing only delays this message; never fails the run
+                log.debug("progress watch: listing failed (%s)", exc)
                 return
+            self._report(len(done - self.already))
+
+    def _report(self, new: int) -> None:
+        if new == self._shown:
+            return
+        if self._shown == 0:
+            log.info("first encoded shard after %.1f s", time.perf_counter() - self.t_start)
+        self._shown = new
+        log.info("%s", progress_line(new, self.total, new * self.rows_per_shard, time.perf_counter() - self._t0))
+
+
+def progress_line(done: int, total: int, passages: int, seconds: float) -> str:
+    """Pure: 'encoded 3/16 shards (~3,000 passages, 120 passages/s), ETA 1m 48s'."""
+    rate = passages / seconds if seconds > 0 else 0.0
+    left = (total - done) * (passages / done) / rate if done and rate else None
+    eta = "ETA unknown" if left is None else f"ETA {int(left // 60)}m {int(left % 60):02d}s"
+    return f"encoded {done}/{total} shards (~{passages:,} passages, {rate:,.0f} passages/s), {eta}"
 
 
 @dataclass
@@ -358,11 +381,11 @@ def _commit(cfg, store, plan, ctx, run_id, ordered, dup, compressor, t_start, re
     else:
         manifest = mf.commit(store, latest, run_id=run_id, fingerprint=ctx.fingerprint, shards=shards,
                              artifacts=artifacts, counts=counts, extra=extra)
-    written_bytes = sum(s["bytes"] for s in shards) + sum(a["bytes"] for a in artifacts.values())
+    size = mf.sizes(manifest)
     return RunSummary(
         store=store.display_url, version=manifest.version, run_id=run_id, committed=committed,
         passages_in=read["rows_read"], written=written, skipped=skipped, truncated=counts["truncated"],
-        tokens=counts["tokens"], bytes=written_bytes, shards=len([m for m in ordered if m.get("path")]),
+        tokens=counts["tokens"], bytes=size.total, shards=size.states_shards, sizes=size.to_dict(),
         shards_resumed=resumed, passages_encoded_this_run=encoded_now,
         wall_seconds=time.perf_counter() - t_start,
         encode_seconds=sum(m["encode_seconds"] for m in ordered))

@@ -10,12 +10,13 @@ from pipeline.dpr import Embedder
 from pipeline.encoder import pick_device
 from pipeline.reader import PassageStates, StateReader
 from storage import manifest as mf
+from storage.errors import OperationFailed
 from storage.fs import Store
 from storage import tombstones
 from storage.shards import read_rows
 
 
-class NoIndex(LookupError):
+class NoIndex(OperationFailed, LookupError):
     """The version has no DPR index (the run had no --dpr-model)."""
 
 

@@ -17,6 +17,7 @@ from pipeline.corpus import Corpus
 from pipeline.update_scan import (CorpusIds, SplitDiff, assemble_slices, diff_corpus, hash_array, in_sorted,
                                   parent_rows, plan_slices, superseded)
 from storage import manifest as mf
+from storage.errors import OperationFailed
 from storage.fs import Store
 from storage import tombstones
 
@@ -58,7 +59,7 @@ def diff(old_ids: np.ndarray, old_hashes, new_ids: np.ndarray, new_hashes) -> Di
 
 log = logging.getLogger(__name__)
 
-class FingerprintMismatch(RuntimeError):
+class FingerprintMismatch(OperationFailed, RuntimeError):
     """The update's model/compressor/quantisation differs from the version it would extend."""
 
 

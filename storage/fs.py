@@ -16,17 +16,101 @@ from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 
+from storage.errors import OperationFailed, UsageError
+
 log = logging.getLogger(__name__)
 
 _HASH_CHUNK = 8 << 20
 
 
-class IntegrityError(RuntimeError):
+class IntegrityError(OperationFailed, RuntimeError):
     """A file a manifest references is missing, truncated or altered; it is refused, never used."""
 
 
 class AlreadyExists(FileExistsError):
     """An exclusive create found the object already there (someone else committed first)."""
+
+
+def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Before any work: can this process write under `url`? Creates nothing that stays.
+
+    Local: the nearest existing directory must be writable (nothing is created). Object store: one
+    small probe object is written and deleted, which exercises credentials, bucket and permissions."""
+    if not url or not str(url).strip():
+        raise UsageError("store URL is empty: pass --store PATH or s3://bucket/prefix")
+    shown = redact_url(str(url))
+    try:
+        fs, root = fsspec.core.url_to_fs(str(url).rstrip("/"), **(storage_options or {}))
+    except (ValueError, ImportError, TypeError) as exc:
+        raise UsageError(f"store {shown}: cannot open it ({type(exc).__name__}: {exc})") from exc
+    if "file" in _protocols(fs):
+        path = os.path.abspath(root)
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            raise UsageError(f"store {shown}: {path} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"store {shown}: no permission to write in {path}")
+        return
+    probe = f"{root.rstrip('/')}/_probe/write-check-{uuid.uuid4().hex}"
+    try:
+        fs.pipe_file(probe, b"probe")
+    except Exception as exc:  # noqa: BLE001 - every backend raises its own types; all mean "cannot write here"
+        name = type(exc).__name__
+        if name in ("NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError", "DefaultCredentialsError"):
+            hint = ("no credentials found: set them in the environment (e.g. AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY), a profile, or an instance role")
+        elif isinstance(exc, PermissionError):
+            hint = "permission denied: the credentials cannot write under this prefix"
+        elif isinstance(exc, FileNotFoundError):
+            hint = "the bucket does not exist"
+        else:
+            hint = f"{name}: {_scrub(str(exc), url)}"
+        raise UsageError(f"store {shown} is not writable: {hint}") from exc
+    try:
+        fs.rm(probe)
+    except OSError as exc:  # write-only credentials (or a WORM bucket) can still run; the probe stays
+        log.warning("store %s: could not delete the write probe %s (%s); it is harmless", shown,
+                    redact_url(probe), type(exc).__name__)
+
+
+def _scrub(text: str, url: str) -> str:
+    """The first line of a backend's message, without the URL's credentials if it repeats them."""
+    first = text.splitlines()[0][:300] if text else "no detail"
+    return first.replace(str(url), redact_url(str(url))) if url else first
+
+
+def read_url(url: str, storage_options: dict[str, Any] | None = None, limit: int = 1 << 30) -> bytes:
+    """A whole small file outside any store (a compressor given by URL), with the run's storage options."""
+    shown = redact_url(str(url))
+    try:
+        fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+        size = fs.size(path)
+        if size is not None and size > limit:
+            raise UsageError(f"{shown} is {size:,} bytes, more than the {limit:,} expected")
+        return fs.cat_file(path)
+    except FileNotFoundError as exc:
+        raise UsageError(f"{shown}: no such file") from exc
+    except PermissionError as exc:
+        raise UsageError(f"{shown}: permission denied") from exc
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(f"{shown}: cannot read it ({type(exc).__name__}: {_scrub(str(exc), url)})") from exc
+
+
+def write_url(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """A whole small file outside any store (a tool's output): complete or absent, never half written."""
+    try:
+        fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+        if "file" in _protocols(fs):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        else:
+            fs.pipe_file(path, data)
+    except (OSError, TypeError, ValueError) as exc:
+        raise UsageError(f"cannot write {redact_url(str(url))} ({type(exc).__name__}: {_scrub(str(exc), url)})") from exc
 
 
 def redact_url(url: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from storage.errors import OperationFailed
 from storage.fs import AlreadyExists, Store
 from storage.shards import read_rows
 
@@ -33,15 +34,15 @@ _SEGMENT_KEYS = ("path", "kind", "rows", "bytes", "sha256", "id_min", "id_max")
 _NAME = re.compile(r"^v(\d{8})\.json$")
 
 
-class CommitConflict(RuntimeError):
+class CommitConflict(OperationFailed, RuntimeError):
     """Another writer committed the version this commit wanted."""
 
 
-class NoVersion(LookupError):
+class NoVersion(OperationFailed, LookupError):
     """The store has no committed version (or not the one asked for)."""
 
 
-class ManifestError(ValueError):
+class ManifestError(OperationFailed, ValueError):
     """A manifest file is unreadable or not one of ours."""
 
 
@@ -104,6 +105,53 @@ class Manifest:
                        extra=body.get("extra", {}), segments=segments)
         except KeyError as exc:
             raise ManifestError(f"{where}: missing key {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """A version's bytes in one vocabulary, for the run summary, the commit log, `validate` and the README.
+
+    MB are decimal (10^6 bytes), as object stores bill them."""
+    states: int
+    states_shards: int
+    dpr: int
+    dpr_shards: int
+    index: int
+    other: int  # the compressor, tombstones: small
+
+    @property
+    def total(self) -> int:
+        return self.states + self.dpr + self.index + self.other
+
+    @classmethod
+    def from_dict(cls, d: dict[str, int]) -> "Sizes":
+        return cls(d.get("states_bytes", 0), d.get("states_shards", 0), d.get("dpr_bytes", 0), d.get("dpr_shards", 0),
+                   d.get("index_bytes", 0), d.get("other_bytes", 0))
+
+    def to_dict(self) -> dict[str, int]:
+        return {"states_bytes": self.states, "states_shards": self.states_shards, "dpr_bytes": self.dpr,
+                "dpr_shards": self.dpr_shards, "index_bytes": self.index, "other_bytes": self.other,
+                "total_bytes": self.total}
+
+    def render(self) -> str:
+        parts = [f"states {self.states / 1e6:,.2f} MB in {self.states_shards} shards"]
+        if self.dpr_shards:
+            parts.append(f"DPR embeddings {self.dpr / 1e6:,.2f} MB in {self.dpr_shards} shards")
+        if self.index:
+            parts.append(f"FAISS index {self.index / 1e6:,.2f} MB")
+        parts.append(f"other {self.other / 1e6:,.2f} MB")
+        return f"{self.total / 1e6:,.2f} MB in all: " + ", ".join(parts)
+
+
+def sizes(manifest: "Manifest") -> Sizes:
+    """From the manifest alone: every figure is a sum of the byte counts its checksums cover."""
+    states = manifest.shards_of("states")
+    dpr = manifest.shards_of("dpr")
+    index = sum(f["bytes"] for f in artifact_files(manifest.artifacts["dpr_index"])) \
+        if "dpr_index" in manifest.artifacts else 0
+    other = sum(f["bytes"] for k, e in manifest.artifacts.items() if k != "dpr_index" for f in artifact_files(e))
+    return Sizes(sum(s["bytes"] for s in states), len(states), sum(s["bytes"] for s in dpr), len(dpr), index,
+                 other + sum(s["bytes"] for s in manifest.shards if s["kind"] not in ("states", "dpr")))
 
 
 def artifact_files(entry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -214,7 +262,7 @@ def commit(store: Store, parent: int | None, *, run_id: str, fingerprint: dict, 
             f"this one was based on version {parent}; nothing of this commit is visible. Rerun: finished "
             f"shards are reused, and the new commit is based on the newest version."
         ) from exc
-    log.info("committed version %d of %s (%d shards)", manifest.version, store.display_url, len(shards))
+    log.info("committed version %d of %s: %s", manifest.version, store.display_url, sizes(manifest).render())
     return manifest
 
 

@@ -227,3 +227,75 @@ def test_run_refuses_an_unbuildable_index_before_encoding(tmp_path, caplog):
                     "--index-factory", factory, "--layers", "2", "--dims", "16"]) == 2
         assert msg in caplog.text
     assert _files(store) == []
+
+
+def _run_parser():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return sub.choices["run"]
+
+
+# `precompute run` flags that are not RunConfig fields: where to write, what to print, the dry run's assumptions
+NOT_CONFIG = {"--help", "--store", "--storage-options", "--dry-run", "--json", "--summary-json",
+              "--gpu-tokens-per-second", "--gpu-tflops", "--gpu-utilisation", "--gpu-price"}
+
+
+def test_every_job_key_is_a_run_flag_and_every_run_flag_a_job_key():
+    from jobs.cli import run_body
+    from pipeline.config import run_flags
+
+    flags = {opt for action in _run_parser()._actions for opt in action.option_strings if opt.startswith("--")}
+    schema = run_flags()
+    assert set(schema.values()) <= flags, sorted(set(schema.values()) - flags)
+    assert flags - NOT_CONFIG == set(schema.values()), sorted(flags - NOT_CONFIG - set(schema.values()))
+    # and they mean the same thing: defaults, and a value set through either front end
+    assert run_config_from_dict(run_body(build_parser().parse_args(["run", "--store", "s"]))) == \
+        run_config_from_dict({"store": "s"})
+    argv = ["run", "--store", "s", "--dpr-model", "m", "--dpr-normalize", "false", "--train-sample", "5000",
+            "--task-cpus", "0.25", "--encoder-cpus", "2", "--torch-threads", "3", "--row-group-size", "64",
+            "--max-field-bytes", "4096", "--title-column", "", "--bits", "5.25"]
+    job = {"store": "s", "dpr": {"model": "m", "normalize": False, "train_sample": 5000},
+           "execution": {"task_cpus": 0.25, "encoder_cpus": 2.0, "torch_threads": 3, "row_group_size": 64},
+           "corpus": {"max_field_bytes": 4096, "title_column": ""}, "compression": {"bits": 5.25}}
+    assert run_config_from_dict(run_body(build_parser().parse_args(argv))) == run_config_from_dict(job)
+
+
+def test_help_names_a_default_for_every_run_flag_with_one():
+    import argparse
+
+    for action in _run_parser()._actions:
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings[-1] != "--help":
+            assert action.help, f"{action.option_strings} has no help"
+
+
+def test_run_summary_commit_log_and_validate_give_the_same_bytes(tmp_path, capsys, caplog, tiny_model, sample_tsv):
+    import json
+    import logging
+
+    from storage import manifest as mf
+    from storage.fs import Store
+
+    store, summary = tmp_path / "store", tmp_path / "summary.json"
+    caplog.set_level(logging.INFO)
+    assert cli(["run", "--store", str(store), "--corpus", str(sample_tsv), "--limit", "200", "--model", tiny_model,
+                "--layers", "1", "--dims", "8", "--fit-sample", "64", "--dpr-model", tiny_model, "--dpr-pooling",
+                "mean", "--summary-json", str(summary)]) == 0
+    run_out = capsys.readouterr().out
+    sizes = mf.sizes(mf.load(Store(str(store))))
+    assert json.loads(summary.read_text())["sizes"] == sizes.to_dict()
+    assert sizes.render() in run_out and sizes.dpr_shards and sizes.index  # summary
+    assert sizes.render() in caplog.text  # the commit log
+    cli(["validate", "--store", str(store)])  # its tolerance verdict is beside the point here
+    assert sizes.render() in capsys.readouterr().out
+
+
+def test_a_failed_command_leaves_no_store_directory_it_created(tmp_path, caplog):
+    fresh = tmp_path / "new" / "store"
+    assert cli(["lookup", "--store", str(fresh), "--ids", "1", "--out", str(tmp_path / "o.npz")]) == 1
+    assert "no committed version" in caplog.text
+    assert not fresh.exists()  # Store() made it; the failure removed it again, being empty
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "note.txt").write_text("a user's file")
+    assert cli(["verify", "--store", str(kept)]) == 1
+    assert (kept / "note.txt").exists()  # a directory that existed before is never touched

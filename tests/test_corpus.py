@@ -129,7 +129,7 @@ def test_invalid_utf8_is_skipped_and_counted_tsv_and_jsonl(tmp_path):
         Corpus(CorpusConfig(url=str(tsv), on_invalid_utf8="error")).scan()
     jl = tmp_path / "c.jsonl"
     jl.write_bytes(b'{"id": 1, "text": "ok"}\n{"id": 2, "text": "\xc3\x28"}\n')
-    scan, _ = _all(Corpus(CorpusConfig(url=str(jl))))
+    scan, _ = _all(Corpus(CorpusConfig(url=str(jl), title_column="")))
     assert scan.ids.tolist() == [1] and scan.counts.skipped_invalid_utf8 == 1
 
 
@@ -152,8 +152,8 @@ def test_malformed_rows_error_with_location_or_counted_skip(tmp_path):
     jl = tmp_path / "c.jsonl"
     jl.write_text('{"id": 1, "text": "ok"}\n{not json}\n[1, 2]\n{"id": true, "text": "x"}\n')
     with pytest.raises(CorpusError, match=r"c\.jsonl:2: invalid JSON"):
-        Corpus(CorpusConfig(url=str(jl))).scan()
-    scan, _ = _all(Corpus(CorpusConfig(url=str(jl), on_malformed="skip")))
+        Corpus(CorpusConfig(url=str(jl), title_column="")).scan()
+    scan, _ = _all(Corpus(CorpusConfig(url=str(jl), title_column="", on_malformed="skip")))
     assert scan.ids.tolist() == [1] and scan.counts.skipped_malformed == 3
 
 
@@ -165,7 +165,7 @@ def test_oversized_fields_and_lines_are_malformed_not_buffered(tmp_path):
     jl = tmp_path / "c.jsonl"
     jl.write_text(json.dumps({"id": 1, "text": "ok"}) + "\n" + json.dumps({"id": 2, "text": huge}) + "\n"
                   + json.dumps({"id": 3, "text": "ok"}) + "\n")
-    scan, _ = _all(Corpus(CorpusConfig(url=str(jl), max_field_bytes=1000, on_malformed="skip")))
+    scan, _ = _all(Corpus(CorpusConfig(url=str(jl), title_column="", max_field_bytes=1000, on_malformed="skip")))
     assert scan.ids.tolist() == [1, 3] and scan.counts.skipped_malformed == 1
 
 

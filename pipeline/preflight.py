@@ -1,0 +1,74 @@
+"""The checks that cost seconds, made before Ray starts or anything is written.
+
+A wrong flag should cost a user one line and exit 2, not a Ray start-up and a worker traceback:
+the store must take a write, the model's config must load and fit --layers and --dims, and the
+DPR model and index factory must agree (`run.check_index_config`, after the corpus is listed)."""
+from __future__ import annotations
+
+import logging
+
+from pipeline.config import ConfigError, ModelConfig, RunConfig
+from storage.fs import check_writable, read_url, redact_url
+
+log = logging.getLogger(__name__)
+
+
+def model_geometry(model: ModelConfig) -> tuple[int, int]:
+    """(layers, hidden size) from the model's config alone: no weights are loaded."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(model.path, revision=model.revision)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model {model.name!r}: cannot load its config ({first[:300]}); pass a hub name or a "
+                          f"local directory with config.json") from exc
+    layers = getattr(cfg, "num_hidden_layers", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if not isinstance(layers, int) or not isinstance(hidden, int):
+        raise ConfigError(f"model {model.name!r} is not a BERT-style encoder (its config has no num_hidden_layers/"
+                          f"hidden_size)")
+    return layers, hidden
+
+
+def check_model(model: ModelConfig, dims: int | None) -> int:
+    """The model's hidden size, once --layers and --dims are known to fit it."""
+    depth, hidden = model_geometry(model)
+    if model.layers > depth:
+        raise ConfigError(f"--layers {model.layers}: {model.name} has {depth} layers; the input component is at "
+                          f"most all of them (the paper uses the lower 5 of 12)")
+    if dims is not None and dims > hidden:
+        raise ConfigError(f"--dims {dims} exceeds {model.name}'s hidden size {hidden}: the compressor can only "
+                          f"reduce dimensions (the paper keeps 192 of 768)")
+    return hidden
+
+
+def check_compressor(comp, where: str, dims: int, hidden: int | None) -> None:
+    if comp.dims != dims:
+        raise ConfigError(f"--compressor {where} projects to {comp.dims} dims, but --dims is {dims}: pass "
+                          f"--dims {comp.dims}")
+    if hidden is not None and comp.hidden != hidden:
+        raise ConfigError(f"--compressor {where} expects {comp.hidden}-dim states, but the model's are {hidden}")
+
+
+def preflight_run(cfg: RunConfig) -> None:
+    """Store, model and compression settings, in that order; the first problem raises."""
+    from pipeline.compress import Compressor
+
+    check_writable(cfg.store, cfg.storage_options)
+    hidden = check_model(cfg.model, cfg.compression.dims)
+    c = cfg.compression
+    if c.compressor:
+        where = redact_url(c.compressor)
+        check_compressor(Compressor.from_bytes(read_url(c.compressor, cfg.storage_options), where), where, c.dims,
+                         hidden)
+    if cfg.dpr is not None:
+        from pipeline.dpr import embedding_dim
+
+        try:
+            embedding_dim(cfg.dpr.model, cfg.dpr.revision)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"DPR model {cfg.dpr.model!r}: cannot load its config "
+                              f"({str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc!r})") from exc
+    log.info("checked: store %s writable, model %s fits --layers %d", redact_url(cfg.store), cfg.model.name,
+             cfg.model.layers)
