@@ -218,7 +218,8 @@ def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
     if not pending:
         return commit([])
     log.info("phase: encode")
-    with ProgressWatch(store, ctx.run_dir, set(resumed), len(pending), plan.rows_per_split, t_start):
+    with ProgressWatch(store, ctx.run_dir, set(resumed), len(pending), plan.rows_per_split, t_start,
+                       total_rows=plan.estimated_rows):
         _, summary = encode_splits(ctx, [plan.splits[k].to_dict() for k in pending], encode_stage,
                                    on_complete=commit)
     if summary is None:
@@ -234,11 +235,12 @@ class ProgressWatch:
     count moved. A listing, never a request per shard."""
 
     def __init__(self, store: Store, run_dir: str, already: set[int], total: int, rows_per_shard: int,
-                 t_start: float, every_s: float = 10.0):
+                 t_start: float, every_s: float = 10.0, total_rows: int | None = None):
         import threading
 
         self.store, self.prefix, self.already, self.t_start = store, f"{run_dir}/states", already, t_start
         self.total, self.rows_per_shard, self.every_s = total, rows_per_shard, every_s
+        self.total_rows = total_rows  # the plan's estimate: the last split is usually short
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._shown = 0
@@ -274,7 +276,10 @@ class ProgressWatch:
         if self._shown == 0:
             log.info("first encoded shard after %.1f s", time.perf_counter() - self.t_start)
         self._shown = new
-        log.info("%s", progress_line(new, self.total, new * self.rows_per_shard, time.perf_counter() - self._t0))
+        passages = new * self.rows_per_shard
+        if self.total_rows:
+            passages = min(passages, self.total_rows)
+        log.info("%s", progress_line(new, self.total, passages, time.perf_counter() - self._t0))
 
 
 def progress_line(done: int, total: int, passages: int, seconds: float) -> str:
