@@ -71,6 +71,8 @@ class CorpusConfig:
             _check_choice(key, getattr(self, key))
         if self.limit is not None and self.limit < 1:
             raise ConfigError("limit must be at least 1")
+        if self.max_field_bytes < 64:
+            raise ConfigError(f"max_field_bytes={self.max_field_bytes}: at least 64 (a header line must fit)")
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,8 @@ class ModelConfig:
         _check_choice("on_too_long", self.on_too_long)
         if self.layers < 1:
             raise ConfigError(f"layers={self.layers}: the input component needs at least one layer")
+        if self.max_length is not None and self.max_length < 8:
+            raise ConfigError(f"max_length={self.max_length}: at least 8 tokens (or unset for the model's maximum)")
 
     @property
     def path(self) -> str:
@@ -128,6 +132,12 @@ class ExecutionConfig:
         _check_choice("device", self.device)
         if (self.shard_size is not None and self.shard_size < 1) or (self.token_budget is not None and self.token_budget < 1) or self.row_group_size < 1:
             raise ConfigError("shard_size, token_budget and row_group_size must be positive")
+        for key in ("num_encoders", "torch_threads"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)} must be at least 1 (or unset for the default)")
+        for key in ("task_cpus", "encoder_cpus"):
+            if not 0 < getattr(self, key) <= 1024:
+                raise ConfigError(f"{key}={getattr(self, key)}: CPUs declared to Ray must be in (0, 1024]")
 
 
 DEFAULT_DPR_CTX = "facebook/dpr-ctx_encoder-single-nq-base"
@@ -150,6 +160,8 @@ class DprConfig:
             raise ConfigError(f"dpr pooling={self.pooling!r} is not one of auto, cls, mean")
         if self.dtype not in ("float16", "float32"):
             raise ConfigError(f"dpr dtype={self.dtype!r} is not float16 or float32")
+        if self.train_sample < 1 or self.nprobe < 1:
+            raise ConfigError(f"train_sample={self.train_sample} and nprobe={self.nprobe} must be at least 1")
 
     @property
     def question(self) -> str:

@@ -38,6 +38,11 @@ def test_run_rejects_bad_flags_and_options(tmp_path, capsys):
     assert cli(["run", "--store", str(tmp_path), "--storage-options", "[1]"]) == 2
     assert cli(["run", "--store", str(tmp_path), "--bits", "12"]) == 2
     assert cli(["run", "--store", str(tmp_path), "--layers", "0"]) == 2
+    for flag, value in (("--task-cpus", "-1"), ("--encoder-cpus", "0"), ("--torch-threads", "0"),
+                        ("--num-encoders", "0"), ("--max-field-bytes", "0"), ("--max-length", "0")):
+        assert cli(["run", "--store", str(tmp_path), flag, value]) == 2, flag
+    for flag in ("--train-sample", "--nprobe"):
+        assert cli(["run", "--store", str(tmp_path), "--dpr-model", "m", flag, "0"]) == 2, flag
 
 
 def test_lookup_and_verify_on_an_empty_store_say_so(tmp_path, caplog):
