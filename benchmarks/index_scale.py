@@ -214,19 +214,16 @@ def measure(a, n: int) -> dict:
 
 
 def render(data: dict) -> str:
-    lines = []
-    for label, run in data.items():
-        lines += [f"### {label}: {run['machine']}", "",
-                  "| N | dim | factory | step | wall s | driver peak RSS MB | index MB | recall@10 |",
-                  "|---:|---:|---|---|---:|---:|---:|---:|"]
-        for n, r in sorted(run["sizes"].items(), key=lambda kv: int(kv[0])):
-            for step in ("build", "memory", "update", "rebuild"):
-                s = r[step]
-                idx = f"{s['index_mb']:.1f}" if "index_mb" in s else ""
-                lines.append(f"| {int(n):,} | {r['dim']} | {r['factory']} | {step} | {s['wall_s']:.1f} | "
-                             f"{s['driver_rss_mb']:.0f} | {idx} | {r['recall'][step]:.4f} |")
-        lines.append("")
-    return "\n".join(lines)
+    from benchmarks.proc import render_tables
+
+    def rows(n: int, r: dict):
+        for step in ("build", "memory", "update", "rebuild"):
+            s = r[step]
+            yield [f"{n:,}", str(r["dim"]), r["factory"], step, f"{s['wall_s']:.1f}", f"{s['driver_rss_mb']:.0f}",
+                   f"{s['index_mb']:.1f}" if "index_mb" in s else "", f"{r['recall'][step]:.4f}"]
+
+    return render_tables(data, ["N:", "dim:", "factory", "step", "wall s:", "driver peak RSS MB:", "index MB:",
+                                "recall@10:"], rows)
 
 
 def main(argv=None) -> int:

@@ -43,3 +43,17 @@ def measure_sizes(path, label: str, module: str, argv: list[str], sizes: list[in
         data[label] = run
         Path(path).write_text(json.dumps(data, indent=1))
     print(render({label: run}))
+
+
+def render_tables(data: dict, columns: list[str], rows) -> str:
+    """One markdown table per label of a results file. `columns`: headers, a trailing ':' right-aligns
+    one ("wall s:"); `rows(n, result)` yields each row's cells for size n."""
+    lines = []
+    for label, run in data.items():
+        head = [c.rstrip(":") for c in columns]
+        rule = ["---:" if c.endswith(":") else "---" for c in columns]
+        lines += [f"### {label}: {run['machine']}", "", "| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+        for n, r in sorted(run["sizes"].items(), key=lambda kv: int(kv[0])):
+            lines += ["| " + " | ".join(cells) + " |" for cells in rows(int(n), r)]
+        lines.append("")
+    return "\n".join(lines)

@@ -196,22 +196,20 @@ def measure(a, n: int, model: Path) -> dict:
 
 
 def render(data: dict) -> str:
-    lines = []
-    for label, run in data.items():
-        lines += [f"### {label}: {run['machine']}", "", "| N | code | dry-run wall s | update wall s | update driver CPU s | "
-                  "update driver RSS MB | commit bytes | 2nd update wall s | 2nd commit bytes | get(10) median ms | p99 ms |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for n, r in sorted(run["sizes"].items(), key=lambda kv: int(kv[0])):
-            for code in ("before", "after"):
-                x = r[code]
-                u2 = x.get("update2")
-                second = f"{u2['wall_s']:.1f} | {u2['commit_bytes']:,}" if u2 else "- | -"
-                lines.append(f"| {int(n):,} | {code} | {x['dry_run']['wall_s']:.1f} | {x['update']['wall_s']:.1f} | "
-                             f"{x['update']['driver_cpu_s']:.1f} | {x['update']['driver_rss_mb']:.0f} | "
-                             f"{x['update']['commit_bytes']:,} | {second} | {x['reader']['get_ms_median']:.1f} | "
-                             f"{x['reader']['get_ms_p99']:.1f} |")
-        lines.append("")
-    return "\n".join(lines)
+    from benchmarks.proc import render_tables
+
+    def rows(n: int, r: dict):
+        for code in ("before", "after"):
+            x, u2 = r[code], r[code].get("update2")
+            yield [f"{n:,}", code, f"{x['dry_run']['wall_s']:.1f}", f"{x['update']['wall_s']:.1f}",
+                   f"{x['update']['driver_cpu_s']:.1f}", f"{x['update']['driver_rss_mb']:.0f}",
+                   f"{x['update']['commit_bytes']:,}", f"{u2['wall_s']:.1f}" if u2 else "-",
+                   f"{u2['commit_bytes']:,}" if u2 else "-", f"{x['reader']['get_ms_median']:.1f}",
+                   f"{x['reader']['get_ms_p99']:.1f}"]
+
+    return render_tables(data, ["N:", "code", "dry-run wall s:", "update wall s:", "update driver CPU s:",
+                                "update driver RSS MB:", "commit bytes:", "2nd update wall s:", "2nd commit bytes:",
+                                "get(10) median ms:", "p99 ms:"], rows)
 
 
 def main(argv=None) -> int:
