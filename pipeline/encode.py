@@ -13,6 +13,7 @@ from pipeline.corpus import CorpusError
 from pipeline.ingest import PrepareStage
 from pipeline.sink import ShardSink
 from pipeline.stages import EncodeStage, StageContext
+from storage.errors import find_cause
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def encode_splits(ctx: StageContext, splits: list[dict], encode_stage: type | No
         sink = ShardSink(ctx, on_complete)
         ds.write_datasink(sink, ray_remote_args={"num_cpus": ex.task_cpus})
     except Exception as exc:
-        cause = worker_cause(exc, (CorpusError,))
+        cause = find_cause(exc, (CorpusError,), follow_context=True)
         if cause is not None:  # a bad corpus row found by a worker: the same one-line error as on the driver
             raise cause from None
         raise
@@ -82,19 +83,3 @@ def prepare_actors(ex, n_encoders: int) -> int:
     cpus = ray.cluster_resources().get("CPU", 1.0)
     spare = cpus - n_encoders * ex.encoder_cpus - ex.task_cpus
     return max(1, int(spare // ex.task_cpus))
-
-
-def worker_cause(exc: BaseException, types: tuple[type, ...]) -> BaseException | None:
-    """The product error behind Ray's wrappers (RayTaskError(CorpusError), UserCodeException), if any."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        cause = getattr(e, "cause", None)
-        if isinstance(e, types):
-            return cause if isinstance(cause, types) else e
-        todo += [cause, e.__cause__, e.__context__]
-    return None

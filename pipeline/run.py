@@ -22,18 +22,19 @@ from pipeline.compress import Compressor
 from pipeline.config import ModelConfig, RunConfig, digest, fingerprint
 from pipeline.corpus import Corpus, CorpusCounts, CorpusError, CorpusPlan
 from pipeline.dedupe import find_duplicates
-from pipeline.encode import cluster_gpus, encode_splits, init_ray, worker_cause
-from pipeline.preflight import check_compressor, preflight_run
+from pipeline.encode import cluster_gpus, encode_splits, init_ray
 from pipeline.encoder import model_revision, pick_device
 from pipeline.fit import fit_compressor
-from pipeline.index_build import build_index
 from pipeline.fitsample import fit_sample_task, merge_fit_samples
+from pipeline.index_build import build_index
+from pipeline.preflight import check_compressor, preflight_run
 from pipeline.sink import finished_markers, shard_entries
 from pipeline.splits import sample_splits
 from pipeline.stages import EncodeStage, StageContext, shard_of
 from pipeline.tokenize import model_max_length
 from storage import manifest as mf
 from storage import tombstones
+from storage.errors import find_cause
 from storage.fs import Store, read_url, redact_url, sha256_bytes
 from storage.shards import SCHEMA_VERSION
 
@@ -89,7 +90,7 @@ def _fit_sample(cfg: RunConfig, plan: CorpusPlan) -> tuple[list[int], list[str],
         parts = ray.get([task.remote(cfg.corpus, cfg.storage_options, plan.splits[k].to_dict(),
                                      cfg.compression.fit_sample) for k in picks])
     except Exception as exc:
-        cause = worker_cause(exc, (CorpusError,))
+        cause = find_cause(exc, (CorpusError,), follow_context=True)
         if cause is not None:  # a bad row in a sampled split: the same one-line error as anywhere else
             raise cause from None
         raise

@@ -20,8 +20,10 @@ class OperationFailed(PrecomputeError):
     exit_code = 1
 
 
-def find_product_error(exc: BaseException, depth: int = 12) -> PrecomputeError | None:
-    """The PrecomputeError behind `exc`: itself, a Ray task's cause, or one down the __cause__ chain."""
+def find_cause(exc: BaseException, types: tuple[type, ...], follow_context: bool = False,
+               depth: int = 32) -> BaseException | None:
+    """The exception of `types` behind `exc`: itself, a Ray task's `cause`, or one down the __cause__ chain
+    (and the __context__ chain when asked: Ray Data re-raises a worker's error while handling its own)."""
     seen: set[int] = set()
     todo = [exc]
     while todo and depth > 0:
@@ -31,13 +33,18 @@ def find_product_error(exc: BaseException, depth: int = 12) -> PrecomputeError |
         seen.add(id(e))
         depth -= 1
         cause = getattr(e, "cause", None)  # Ray's RayTaskError: an instance of the cause's class, with a traceback
-        if isinstance(cause, PrecomputeError):  # for a message; the cause carries the user's one
+        if isinstance(cause, types):  # for a message; the cause carries the user's one
             return cause
-        if isinstance(e, PrecomputeError):
+        if isinstance(e, types):
             return e
-        # explicit links only: a bug raised while handling a product error (__context__) keeps its traceback
-        todo += [x for x in (cause, e.__cause__) if isinstance(x, BaseException)]
+        todo += [x for x in (cause, e.__cause__, e.__context__ if follow_context else None)
+                 if isinstance(x, BaseException)]
     return None
+
+
+def find_product_error(exc: BaseException) -> PrecomputeError | None:
+    """For the CLI: explicit links only, so a bug raised while handling a product error keeps its traceback."""
+    return find_cause(exc, (PrecomputeError,))
 
 
 def one_line(exc: BaseException, limit: int = 2_000) -> str:
