@@ -110,7 +110,7 @@ def compact(store: Store, shard_size: int = 10_000, row_group_size: int = 128) -
         artifacts["dpr_index"] = _fold_index(store, index, run_dir, [s for s in shards if s["kind"] == "dpr"])
     extra = {**parent.extra, "compacted_from": parent.version}
     return mf.commit(store, parent.version, run_id=run_dir.removeprefix("runs/"), fingerprint=parent.fingerprint,
-                     shards=shards, artifacts=artifacts, counts=parent.counts, extra=extra)
+                     shards=shards, artifacts=artifacts, counts=parent.counts, extra=extra, parent_manifest=parent)
 
 
 def _fold_index(store: Store, entry: dict, run_dir: str, dpr_shards: list[dict]) -> dict:

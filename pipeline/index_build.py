@@ -36,8 +36,18 @@ class IndexBuildError(OperationFailed, RuntimeError):
     """The index could not be built (disk, counts); nothing was committed."""
 
 
+_NO_IDS = np.empty(0, np.int64)
+
+
+def dead_ids(dead) -> np.ndarray:
+    """Tombstoned ids as an int64 array: the manifest's sorted arrays pass as they are; a set is converted."""
+    if isinstance(dead, (set, frozenset)):
+        return np.fromiter(dead, dtype=np.int64, count=len(dead))
+    return np.asarray(dead, dtype=np.int64)
+
+
 def read_embeddings(store_url: str, storage_options: dict, path: str,
-                    dead: frozenset[int] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
+                    dead=_NO_IDS) -> tuple[np.ndarray, np.ndarray]:
     """(ids, float32 vectors) of one DPR shard, without the rows tombstoned in it."""
     from storage.shards import read_rows
 
@@ -46,8 +56,9 @@ def read_embeddings(store_url: str, storage_options: dict, path: str,
     dim = emb.type.list_size
     vecs = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
     ids = t.column("id").to_numpy()
-    if dead:
-        keep = ~np.isin(ids, np.fromiter(dead, dtype=np.int64))
+    dead = dead_ids(dead)
+    if dead.size:
+        keep = ~np.isin(ids, dead)
         ids, vecs = ids[keep], vecs[keep]
     return ids, vecs
 
@@ -80,14 +91,15 @@ def _write_local_index(store: Store, index, rel: str) -> dict:
         return store.upload_file(local, rel)
 
 
-def _sample_task(spec: IndexSpec, picks: list[tuple[str, list[int], frozenset[int]]], rel: str) -> dict:
+def _sample_task(spec: IndexSpec, picks: list[tuple[str, list[int], np.ndarray]], rel: str) -> dict:
     """The sampled rows of a group of shards, written as one .npy (tombstoned rows dropped)."""
     pieces = []
     for path, positions, dead in picks:
         ids, vecs = read_embeddings(spec.store_url, spec.storage_options, path)
         pos = np.asarray(positions, dtype=np.int64)
-        if dead:
-            pos = pos[~np.isin(ids[pos], np.fromiter(dead, dtype=np.int64))]
+        dead = dead_ids(dead)
+        if dead.size:
+            pos = pos[~np.isin(ids[pos], dead)]
         pieces.append(vecs[pos])
     x = np.concatenate(pieces)
     buf = io.BytesIO()
@@ -110,7 +122,7 @@ def _load_trained_task(spec: IndexSpec, trained: dict) -> bytes:
     return spec.store().read_verified(trained)
 
 
-def _add_task(spec: IndexSpec, trained: bytes, shards: list[tuple[str, frozenset[int]]], rel: str) -> dict:
+def _add_task(spec: IndexSpec, trained: bytes, shards: list[tuple[str, np.ndarray]], rel: str) -> dict:
     """One IVF part: the trained index plus a group of shards' live vectors, written to the store."""
     from pipeline import index as fx
 
@@ -161,7 +173,7 @@ def _merge_task(spec: IndexSpec, trained: dict, parts: list[dict], header_rel: s
     return {"header": header, "lists": lists, "ntotal": ntotal}
 
 
-def _whole_task(spec: IndexSpec, shards: list[tuple[str, frozenset[int]]], dim: int, rel: str) -> dict:
+def _whole_task(spec: IndexSpec, shards: list[tuple[str, np.ndarray]], dim: int, rel: str) -> dict:
     """Flat/HNSW: every vector in this worker, trained on a uniform sample if the codec needs it."""
     from pipeline import index as fx
 
@@ -255,18 +267,18 @@ def build_index_from(spec: IndexSpec, store: Store, run_dir: str, dpr_shards: li
     fx.check_factory(spec.factory, dim, live, spec.train_sample)
     nlist = fx.factory_nlist(spec.factory, dim)
     staging = f"{run_dir}/index/staging-{tag}"
-    frozen = [(s["path"], frozenset(dead.get(s["path"], ()))) for s in dpr_shards]
+    per_shard = [(s["path"], dead_ids(dead.get(s["path"], _NO_IDS))) for s in dpr_shards]
     common = {"factory": spec.factory, "dim": dim, "metric": "inner_product", "nprobe": spec.nprobe}
     if nlist is None:
         log.info("building FAISS %s over %d vectors whole, in one task", spec.factory, live)
         task = ray.remote(num_cpus=1)(_whole_task)
-        built = ray.get(task.remote(spec, frozen, dim, f"{run_dir}/index/dpr-{tag}.faiss"))
+        built = ray.get(task.remote(spec, per_shard, dim, f"{run_dir}/index/dpr-{tag}.faiss"))
         entry = {**{k: built[k] for k in ("path", "sha256", "bytes")}, **common, "ntotal": built["ntotal"],
                  "faiss_gpu": bool(fx.gpu_count())}
     else:
         if trained is None:
             trained = _train(spec, store, dpr_shards, dead, dim, nlist, live, staging, run_dir, tag)
-        parts = _add_parts(spec, dpr_shards, frozen, trained, staging)
+        parts = _add_parts(spec, dpr_shards, per_shard, trained, staging)
         expected = sum(p["ntotal"] for p in parts)
         log.info("merging %d parts (%.1f MB) on a worker's disk", len(parts), sum(p["bytes"] for p in parts) / 1e6)
         # max_calls=1: faiss' merge_ondisk leaves the parts memory-mapped; the worker exits with them
@@ -296,7 +308,7 @@ def _train(spec: IndexSpec, store: Store, dpr_shards: list[dict], dead: dict[str
 
     n_train = index_plan.train_size(nlist, live, spec.train_sample)
     positions = index_plan.sample_positions([s["rows"] for s in dpr_shards], n_train, spec.seed)
-    picks = [(s["path"], pos, frozenset(dead.get(s["path"], ()))) for s, pos in zip(dpr_shards, positions) if pos]
+    picks = [(s["path"], pos, dead_ids(dead.get(s["path"], _NO_IDS))) for s, pos in zip(dpr_shards, positions) if pos]
     groups = [picks[i:i + 64] for i in range(0, len(picks), 64)]
     task = ray.remote(num_cpus=spec.task_cpus)(_sample_task)
     pieces = ray.get([task.remote(spec, g, f"{staging}/sample-{k:05d}.npy") for k, g in enumerate(groups)])
@@ -311,7 +323,7 @@ def _train(spec: IndexSpec, store: Store, dpr_shards: list[dict], dead: dict[str
     return trained
 
 
-def _add_parts(spec: IndexSpec, dpr_shards: list[dict], frozen: list[tuple[str, frozenset[int]]], trained: dict,
+def _add_parts(spec: IndexSpec, dpr_shards: list[dict], per_shard: list[tuple[str, np.ndarray]], trained: dict,
                staging: str) -> list[dict]:
     """Groups of consecutive shards (<= part_rows vectors) added on the workers; returns part entries."""
     import ray
@@ -320,7 +332,7 @@ def _add_parts(spec: IndexSpec, dpr_shards: list[dict], frozen: list[tuple[str, 
     trained_ref = ray.remote(num_cpus=0)(_load_trained_task).remote(spec, trained)  # in the object store, once
     add = ray.remote(num_cpus=spec.task_cpus)(_add_task)
     log.info("adding %d shards as %d IVF parts on the workers", len(dpr_shards), len(groups))
-    return ray.get([add.remote(spec, trained_ref, [frozen[i] for i in g], f"{staging}/part-{k:05d}.faiss")
+    return ray.get([add.remote(spec, trained_ref, [per_shard[i] for i in g], f"{staging}/part-{k:05d}.faiss")
                     for k, g in enumerate(groups)])
 
 

@@ -51,17 +51,20 @@ def check_compressor(comp, where: str, dims: int, hidden: int | None) -> None:
         raise ConfigError(f"--compressor {where} expects {comp.hidden}-dim states, but the model's are {hidden}")
 
 
-def preflight_run(cfg: RunConfig) -> None:
-    """Store, model and compression settings, in that order; the first problem raises."""
+def preflight_run(cfg: RunConfig) -> bytes | None:
+    """Store, model and compression settings, in that order; the first problem raises.
+
+    Returns the bytes of a given --compressor (read once, here), else None."""
     from pipeline.compress import Compressor
 
     check_writable(cfg.store, cfg.storage_options)
     hidden = check_model(cfg.model, cfg.compression.dims)
     c = cfg.compression
+    data = None
     if c.compressor:
         where = redact_url(c.compressor)
-        check_compressor(Compressor.from_bytes(read_url(c.compressor, cfg.storage_options), where), where, c.dims,
-                         hidden)
+        data = read_url(c.compressor, cfg.storage_options)
+        check_compressor(Compressor.from_bytes(data, where), where, c.dims, hidden)
     if cfg.dpr is not None:
         from pipeline.dpr import embedding_dim
 
@@ -72,3 +75,4 @@ def preflight_run(cfg: RunConfig) -> None:
                               f"({str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc!r})") from exc
     log.info("checked: store %s writable, model %s fits --layers %d", redact_url(cfg.store), cfg.model.name,
              cfg.model.layers)
+    return data

@@ -109,7 +109,8 @@ def reindex(cfg: ReindexConfig) -> ReindexSummary:
     entry = build_index_from(spec, store, f"runs/index-{run_id}", dpr, dead)
     manifest = mf.commit(store, parent.version, run_id=f"index-{run_id}", fingerprint=parent.fingerprint,
                          shards=list(parent.shards), artifacts={**parent.artifacts, "dpr_index": entry},
-                         counts=parent.counts, extra={**parent.extra, "reindex_of": parent.version})
+                         counts=parent.counts, extra={**parent.extra, "reindex_of": parent.version},
+                         parent_manifest=parent)
     return ReindexSummary(store=store.display_url, version=manifest.version, parent=parent.version,
                           factory=cfg.factory, ntotal=entry["ntotal"],
                           bytes=sum(f["bytes"] for f in mf.artifact_files(entry)),

@@ -107,11 +107,13 @@ def corpus_label(cfg: RunConfig) -> str:
 
 
 def _obtain_compressor(cfg: RunConfig, store: Store, plan: CorpusPlan, revision: str,
-                       max_length: int) -> tuple[str, str, int]:
-    """(store path, sha256, bytes) of the compressor artifact, fitting one if none was given."""
+                       max_length: int, given: bytes | None = None) -> tuple[str, str, int]:
+    """(store path, sha256, bytes) of the compressor artifact, fitting one if none was given.
+
+    `given`: the --compressor file's bytes as preflight read them (checked there against the model)."""
     c = cfg.compression
     if c.compressor:
-        data = read_url(c.compressor, cfg.storage_options)
+        data = given if given is not None else read_url(c.compressor, cfg.storage_options)
         where = redact_url(c.compressor)
         check_compressor(Compressor.from_bytes(data, where), where, c.dims, None)
         sha = sha256_bytes(data)
@@ -194,7 +196,7 @@ def check_index_config(cfg: RunConfig, n_passages: int) -> None:
 def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
     """Encode and commit. `encode_stage` exists so tests can inject a worker that dies mid-run."""
     t_start = time.perf_counter()
-    preflight_run(cfg)
+    compressor_bytes = preflight_run(cfg)
     corpus = Corpus(cfg.corpus, cfg.storage_options)
     log.info("phase: plan (listing %s)", corpus.display_url)
     plan = corpus.plan(cfg.execution.shard_size)
@@ -204,7 +206,7 @@ def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
     max_length = model_max_length(cfg.model)
     revision = model_revision(cfg.model)
     log.info("phase: fit-sample")
-    compressor = _obtain_compressor(cfg, store, plan, revision, max_length)
+    compressor = _obtain_compressor(cfg, store, plan, revision, max_length, compressor_bytes)
     prep = prepare(cfg, store, compressor, None, revision)
     policy = {"on_too_long": cfg.model.on_too_long, "rows_per_split": plan.rows_per_split}
     run_id = digest({"fingerprint": prep.fingerprint, "corpus": plan.digest, "policy": policy})
@@ -380,13 +382,14 @@ def _commit(cfg, store, plan, ctx, run_id, ordered, dup, compressor, t_start, re
         extra["dpr"] = ctx.fingerprint["dpr"]
     latest = mf.latest_version(store)
     committed = True
-    if latest is not None and (prev := mf.load(store, latest)).run_id == run_id and prev.shards == shards:
+    prev = mf.load(store, latest) if latest is not None else None
+    if prev is not None and prev.run_id == run_id and prev.shards == shards:
         manifest = prev
         committed = False
         log.info("version %d already holds this exact run; nothing new to commit", latest)
     else:
         manifest = mf.commit(store, latest, run_id=run_id, fingerprint=ctx.fingerprint, shards=shards,
-                             artifacts=artifacts, counts=counts, extra=extra)
+                             artifacts=artifacts, counts=counts, extra=extra, parent_manifest=prev)
     size = mf.sizes(manifest)
     return RunSummary(
         store=store.display_url, version=manifest.version, run_id=run_id, committed=committed,

@@ -236,7 +236,7 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
         extra["timing"] = {"encode_seconds": sum(m["encode_seconds"] for m in ordered),
                            "tokens": sum(m["tokens"] for m in ordered)}
     manifest = mf.commit(store, parent.version, run_id=f"update-{run_id}", fingerprint=parent.fingerprint,
-                         shards=shards, artifacts=artifacts, counts=counts, extra=extra)
+                         shards=shards, artifacts=artifacts, counts=counts, extra=extra, parent_manifest=parent)
     return UpdateSummary(store=store.display_url, version=manifest.version, parent=parent.version, counts=d.counts(),
                          passages_encoded_this_run=sum(markers[k]["passages_in"] for k in pending),
                          shards_resumed=n_shards - len(pending), index_action=index_action,

@@ -124,19 +124,19 @@ def diff_corpus(corpus: Corpus, rows_per_split: int | None, parent_ids: np.ndarr
             setattr(counts, k, getattr(counts, k) + v)
         digest.update(p.digest.encode())
     ids = np.concatenate([p.ids for p in parts]) if parts else np.empty(0, np.int64)
-    split = np.concatenate([np.full(p.ids.size, p.index, np.int32) for p in parts]) if parts else np.empty(0, np.int32)
     drop: dict[int, np.ndarray] = {}
     if ids.size < 2 or bool((ids[1:] > ids[:-1]).all()):  # ids in ascending order (the usual dump): unique
-        uniq, cnt = ids, np.ones(ids.size, np.int64)
+        uniq, dupes = ids, ids[:0]
     else:
         uniq, first, cnt = np.unique(ids, return_index=True, return_counts=True)
-    if (cnt > 1).any():
         dupes = uniq[cnt > 1]
+    if dupes.size:
         if corpus.cfg.on_duplicate == "error":
             raise CorpusError(f"{corpus.display_url}: {dupes.size} duplicate passage id(s), e.g. "
                               f"{dupes[:5].tolist()}; ids must be unique (or pass --on-duplicate keep-first)")
         keep = np.zeros(ids.size, bool)
         keep[first] = True
+        split = np.concatenate([np.full(p.ids.size, p.index, np.int32) for p in parts])  # only with duplicates
         for k in np.unique(split[~keep]):
             drop[int(k)] = ids[(split == k) & ~keep]
         counts.skipped_duplicate += int((~keep).sum())

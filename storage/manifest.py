@@ -217,15 +217,18 @@ def _read_segment(store: Store, seg: dict) -> list[dict]:
     return [{**{k: cols[k][i] for k in _SEGMENT_KEYS}, **json.loads(cols["extra"][i])} for i in range(table.num_rows)]
 
 
-def _segments_for(store: Store, parent: int | None, shards: list[dict], tag: str) -> list[dict]:
+def _segments_for(store: Store, parent: int | None, shards: list[dict], tag: str,
+                  parent_manifest: Manifest | None = None) -> list[dict]:
     """The parent's segments plus one with the shards this commit adds, when it extends the parent's list."""
     prior: list[dict] = []
     rest = shards
     if parent is not None:
-        try:
-            pm = load(store, parent)
-        except NoVersion:
-            pm = None
+        pm = parent_manifest if parent_manifest is not None and parent_manifest.version == parent else None
+        if pm is None:
+            try:
+                pm = load(store, parent)
+            except NoVersion:
+                pm = None
         # whole entries, not paths: a shard rewritten at the same path must not keep its old checksum
         if pm is not None and pm.segments and shards[:len(pm.shards)] == pm.shards:
             prior, rest = list(pm.segments), shards[len(pm.shards):]
@@ -235,14 +238,18 @@ def _segments_for(store: Store, parent: int | None, shards: list[dict], tag: str
 
 
 def commit(store: Store, parent: int | None, *, run_id: str, fingerprint: dict, shards: list[dict],
-           artifacts: dict | None = None, counts: dict | None = None, extra: dict | None = None) -> Manifest:
-    """Create version parent+1 exclusively; raise CommitConflict if another writer got there first."""
+           artifacts: dict | None = None, counts: dict | None = None, extra: dict | None = None,
+           parent_manifest: Manifest | None = None) -> Manifest:
+    """Create version parent+1 exclusively; raise CommitConflict if another writer got there first.
+
+    `parent_manifest`: the parent as the caller already loaded it, so the commit need not read it again."""
     ids = [s["path"] for s in shards]
     if len(set(ids)) != len(ids):
         raise ValueError("a version cannot list the same shard twice")
     import uuid
 
-    segments = _segments_for(store, parent, shards, f"v{(parent or 0) + 1:08d}-{uuid.uuid4().hex[:12]}")
+    segments = _segments_for(store, parent, shards, f"v{(parent or 0) + 1:08d}-{uuid.uuid4().hex[:12]}",
+                             parent_manifest)
     manifest = Manifest(
         version=(parent or 0) + 1, parent=parent,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
