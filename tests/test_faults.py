@@ -24,13 +24,16 @@ pytestmark = pytest.mark.ray
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import tests/
 
 N_PASSAGES, SHARD = 300, 50
+# The SIGKILL test uses smaller shards: tasks Ray Data already queued on live actors finish after the driver dies,
+# and with 6 shards they could be all of them, leaving the rerun nothing to resume.
+KILL_SHARD = 20
 
 
-def _cfg(store: str, tiny_model: str, sample_tsv, storage_options=None) -> RunConfig:
+def _cfg(store: str, tiny_model: str, sample_tsv, storage_options=None, shard_size: int = SHARD) -> RunConfig:
     return RunConfig(store=store, corpus=CorpusConfig(url=str(sample_tsv), limit=N_PASSAGES),
                      model=ModelConfig(name=tiny_model, layers=2),
                      compression=CompressionConfig(dims=8, fit_sample=64),
-                     execution=ExecutionConfig(shard_size=SHARD), storage_options=storage_options or {})
+                     execution=ExecutionConfig(shard_size=shard_size), storage_options=storage_options or {})
 
 
 class CrashOnceEncodeStage(EncodeStage):
@@ -77,7 +80,7 @@ def test_driver_sigkill_then_rerun_equals_an_uninterrupted_run(ray_local, tmp_pa
     killed = str(tmp_path / "killed")
     cmd = [sys.executable, "-m", "jobs.cli", "run", "--store", killed, "--corpus", str(sample_tsv),
            "--limit", str(N_PASSAGES), "--model", tiny_model, "--layers", "2", "--dims", "8", "--fit-sample", "64",
-           "--shard-size", str(SHARD), "--num-encoders", "1"]
+           "--shard-size", str(KILL_SHARD), "--num-encoders", "1"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -94,15 +97,15 @@ def test_driver_sigkill_then_rerun_equals_an_uninterrupted_run(ray_local, tmp_pa
     proc.wait()
     assert mf.latest_version(store) is None  # nothing committed by the killed driver
     done_at_kill = _settled_marker_count(store)
-    assert 2 <= done_at_kill < N_PASSAGES // SHARD
+    assert 2 <= done_at_kill < N_PASSAGES // KILL_SHARD
 
-    resumed = run(_cfg(killed, tiny_model, sample_tsv))
+    resumed = run(_cfg(killed, tiny_model, sample_tsv, shard_size=KILL_SHARD))
     # a write task already in flight when the driver died may land one more marker; resume reuses what it lists
-    assert done_at_kill <= resumed.shards_resumed < N_PASSAGES // SHARD
-    assert resumed.passages_encoded_this_run == N_PASSAGES - resumed.shards_resumed * SHARD
+    assert done_at_kill <= resumed.shards_resumed < N_PASSAGES // KILL_SHARD
+    assert resumed.passages_encoded_this_run == N_PASSAGES - resumed.shards_resumed * KILL_SHARD
 
     reference = str(tmp_path / "reference")
-    full = run(_cfg(reference, tiny_model, sample_tsv))
+    full = run(_cfg(reference, tiny_model, sample_tsv, shard_size=KILL_SHARD))
     assert full.shards_resumed == 0 and full.passages_encoded_this_run == N_PASSAGES
     assert resumed.run_id == full.run_id
     assert _content(store) == _content(Store(reference))  # byte-identical shards, same ids
