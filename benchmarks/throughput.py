@@ -3,6 +3,7 @@
     python -m benchmarks.throughput                     # CPU: MiniLM, lower 3 layers, the bundled sample
     python -m benchmarks.throughput --e2e-repeat 4      # also the Ray pipeline end to end on 4x the sample
     python -m benchmarks.throughput --bert-base         # GPU: BERT-base geometry (random weights), MFU
+    python -m benchmarks.throughput --pq-m 32 --opq     # also the pipeline encoder with a PQ codec (same run)
 
 Prints tokens/s (real tokens only), their ratio, and on GPU the model-FLOP utilisation against a
 bf16 matmul peak measured in the same run. Ratios, not absolute numbers, are what to compare.
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
+from pipeline.codec import Codec, LinearCodec
 from pipeline.compress import Compressor
 from pipeline.config import (BUNDLED_MODEL, CompressionConfig, CorpusConfig, ExecutionConfig, ModelConfig,
                              RunConfig, resolve_model)
@@ -88,8 +90,9 @@ class PipelineEncoder:
     """The pipeline's encoder: tokenise (counted here; overlapped on other workers in the pipeline),
     length-sorted token-budget batches, projection and int8 on the device."""
 
-    def __init__(self, model: ModelConfig, comp: Compressor, device, budget: int | None, max_len: int):
-        self.enc = ShardEncoder(model, comp, "int8", 8, budget, device)
+    def __init__(self, model: ModelConfig, codec: Codec, device, budget: int | None, max_len: int):
+        self.enc = ShardEncoder(model, codec, budget, device)
+        self.enc_codec = codec.describe()
         self.tok = PairTokenizer(model, max_len)
 
     def __call__(self, titles, texts) -> int:
@@ -115,6 +118,13 @@ def fit(model: ModelConfig, titles, texts, dims: int, device) -> Compressor:
     from pipeline.fit import fit_compressor
     from pipeline.tokenize import model_max_length
     return fit_compressor(model, titles[:256], texts[:256], dims, model_max_length(model), device)
+
+
+def fit_pq_codec(model: ModelConfig, titles, texts, m: int, opq: bool, device) -> Codec:
+    from pipeline.fit import fit_codec
+    from pipeline.tokenize import model_max_length
+    return fit_codec(model, titles[:256], texts[:256], CompressionConfig(codec="pq", pq_m=m, opq=opq),
+                     model_max_length(model), device)
 
 
 def e2e(model: ModelConfig, comp: Compressor, ids, titles, texts, repeat: int, shard_size: int,
@@ -165,6 +175,9 @@ def main(argv=None) -> int:
     p.add_argument("--e2e-repeat", type=int, default=0, help="also run the Ray pipeline on the sample x N")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--bert-base", action="store_true", help="BERT-base geometry, random weights (GPU benchmark)")
+    p.add_argument("--pq-m", type=int, default=0, help="also time the pipeline encoder with a PQ codec of M "
+                   "sub-quantisers, fitted on the same passages (0 = not)")
+    p.add_argument("--opq", action="store_true", help="with --pq-m: an OPQ rotation first")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -190,17 +203,23 @@ def main(argv=None) -> int:
                  "torch": torch.__version__, "threads": torch.get_num_threads(), "model": a.model if not a.bert_base else "bert-base geometry (random)",
                  "layers": a.layers, "passages": len(texts), "device": device.type}
     naive = NaiveEncoder(path, a.layers, comp, device)
-    mine = PipelineEncoder(model, comp, device, a.token_budget, 512)
-    for fn in (naive, mine):  # warm-up: allocator, kernels, caches
+    encoders = {"naive": naive, "pipeline": PipelineEncoder(model, LinearCodec(comp), device, a.token_budget, 512)}
+    if a.pq_m:
+        encoders["pipeline_pq"] = PipelineEncoder(model, fit_pq_codec(model, titles, texts, a.pq_m, a.opq, device),
+                                                  device, a.token_budget, 512)
+    for fn in encoders.values():  # warm-up: allocator, kernels, caches
         fn(titles[:256], texts[:256])
-    runs: dict[str, list[tuple[int, float]]] = {"naive": [], "pipeline": []}
-    for _ in range(a.rounds):  # alternate, so drift on a noisy machine hits both alike
-        runs["naive"].append(timed(naive, titles, texts, device))
-        runs["pipeline"].append(timed(mine, titles, texts, device))
+    runs: dict[str, list[tuple[int, float]]] = {name: [] for name in encoders}
+    for _ in range(a.rounds):  # alternate, so drift on a noisy machine hits all alike
+        for name, fn in encoders.items():
+            runs[name].append(timed(fn, titles, texts, device))
     for name, rs in runs.items():
         rates = [t / s for t, s in rs]
         res[name] = {"tokens": rs[0][0], "tokens_per_s": float(np.median(rates)), "rounds": rates}
     res["speedup"] = res["pipeline"]["tokens_per_s"] / res["naive"]["tokens_per_s"]
+    if a.pq_m:
+        res["pipeline_pq"]["codec"] = encoders["pipeline_pq"].enc_codec
+        res["pq_vs_linear"] = res["pipeline_pq"]["tokens_per_s"] / res["pipeline"]["tokens_per_s"]
     pt, ps = res["pipeline"]["tokens"], res["pipeline"]["tokens"] / res["pipeline"]["tokens_per_s"]
     nt, ns = res["naive"]["tokens"], res["naive"]["tokens"] / res["naive"]["tokens_per_s"]
     seq = pt / len(texts)
@@ -222,6 +241,9 @@ def main(argv=None) -> int:
     print(json.dumps(res, indent=1))
     print(f"\nnaive {res['naive']['tokens_per_s']:,.0f} tok/s | pipeline encoder {res['pipeline']['tokens_per_s']:,.0f} "
           f"tok/s | speedup {res['speedup']:.2f}x" + (f" | MFU {res['mfu_pipeline']:.1%}" if "mfu_pipeline" in res else ""))
+    if a.pq_m:
+        print(f"pipeline encoder with {res['pipeline_pq']['codec']}: {res['pipeline_pq']['tokens_per_s']:,.0f} tok/s = "
+              f"{res['pq_vs_linear']:.2f}x the linear codec's")
     if "e2e" in res:
         e = res["e2e"]
         print(f"end to end (Ray, {e['passages']} passages, {e['shards']} shards): steady {e['steady_tokens_per_s']:,.0f} "

@@ -71,6 +71,18 @@ def _add_column_map(g, inherited: bool = False) -> None:
                    help=f"column of the passage text (default: {said or d.text_column})")
 
 
+def _add_codec(g) -> None:
+    """The codec flags `run`, `fit-compressor` and `estimate` share."""
+    g.add_argument("--codec", default="linear", choices=["linear", "pq"],
+                   help="linear: projection to --dims + int8 codes and a scale per token (the paper's; default); "
+                   "pq: product quantiser, --pq-m bytes per token (see `precompute report` to choose)")
+    g.add_argument("--dims", type=int, default=None, help="dims per token after the projection (linear default 192; "
+                   "pq default: no projection)")
+    g.add_argument("--pq-m", type=int, default=32, help="pq: sub-quantisers = code bytes per token; must divide the "
+                   "stored dims (default 32)")
+    g.add_argument("--opq", action="store_true", help="pq: learn a rotation first (OPQ): higher fidelity, slower fit")
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=BUNDLED_MODEL,
@@ -171,37 +183,52 @@ def run_and_report(cfg: RunConfig, summary_json: str | None) -> int:
     return 0
 
 
+def _fit_settings(a):
+    from pipeline.config import CompressionConfig
+
+    return CompressionConfig(codec=a.codec, dims=a.dims, pq_m=a.pq_m, opq=a.opq)
+
+
 def cmd_fit(a) -> int:
     from pipeline.corpus import Corpus
     from pipeline.encoder import pick_device
     from pipeline.fit import fit_on_corpus
     from storage.fs import redact_url, write_url
 
-    comp = fit_on_corpus(_model_cfg(a), Corpus(_corpus_cfg(a)), a.dims, a.sample, a.seed, pick_device(a.device))
-    write_url(a.out, comp.to_bytes())
-    print(f"wrote {redact_url(a.out)}: PCA {comp.hidden} -> {comp.dims} fitted on {comp.metadata['passages']} passages "
-          f"({comp.metadata['tokens']} tokens); explained variance ratio {comp.metadata['explained_variance_ratio']}")
+    codec = fit_on_corpus(_model_cfg(a), Corpus(_corpus_cfg(a)), _fit_settings(a), a.sample, a.seed,
+                          pick_device(a.device))
+    data = codec.to_bytes()
+    write_url(a.out, data)
+    md = codec.metadata
+    print(f"wrote {redact_url(a.out)} ({len(data):,} bytes): {codec.describe()}, fitted on {md.get('passages')} "
+          f"passages ({md.get('tokens')} tokens)"
+          + (f"; explained variance ratio {md['explained_variance_ratio']}" if "explained_variance_ratio" in md else ""))
     return 0
 
 
 def cmd_fidelity(a) -> int:
-    from pipeline.compress import Compressor
+    from pipeline.codec import codec_from_bytes
     from pipeline.corpus import Corpus
     from pipeline.encoder import pick_device
     from pipeline.fit import fidelity_on_corpus
     from storage.fs import read_url, redact_url, write_url
 
-    comp = Compressor.from_bytes(read_url(a.compressor), redact_url(a.compressor))
+    where = redact_url(a.compressor)
+    data = read_url(a.compressor)
     model = _model_cfg(a)
-    modes = [("none", 16), ("int8", 8)] if a.quantize == "both" else [(a.quantize, a.bits)]
-    rows, measured, excluded = fidelity_on_corpus(model, Corpus(_corpus_cfg(a)), comp, a.sample, modes,
+    modes = [("none", 16), ("int8", a.bits)] if a.quantize == "both" else [(a.quantize, a.bits)]
+    codecs: dict[str, tuple] = {}
+    for q, bits in modes:  # quantisation settings complete a linear codec; other codecs ignore them
+        codec = codec_from_bytes(data, where, q, bits)
+        codecs.setdefault(json.dumps(codec.fingerprint_fields(), sort_keys=True), (codec.describe(), codec))
+    rows, measured, excluded = fidelity_on_corpus(model, Corpus(_corpus_cfg(a)), list(codecs.values()), a.sample,
                                                   pick_device(a.device))
-    print(f"fidelity of {redact_url(a.compressor)} ({comp.hidden} -> {comp.dims}), layers {model.layers}+ upper, on "
-          f"{measured} held-out passages (excluded {excluded} used for fitting)")
-    print(f"{'storage':>10} {'token cos':>10} {'p05':>8} {'pooled':>8} {'state rel err':>14}")
+    print(f"fidelity of {where}, layers {model.layers}+ upper, on {measured} held-out passages (excluded {excluded} "
+          f"used for fitting)")
+    print(f"{'B/token':>8} {'token cos':>10} {'p05':>8} {'pooled':>8} {'state rel err':>14}  codec")
     for r in rows:
-        print(f"{r['quantize'] + '/' + str(r['bits']):>10} {r['token_cosine']:>10.4f} {r['token_cosine_p05']:>8.4f} "
-              f"{r['pooled_cosine']:>8.4f} {r['state_rel_error']:>14.4f}")
+        print(f"{r['bytes_per_token_raw']:>8} {r['token_cosine']:>10.4f} {r['token_cosine_p05']:>8.4f} "
+              f"{r['pooled_cosine']:>8.4f} {r['state_rel_error']:>14.4f}  {r['codec']}")
     if a.json:
         write_url(a.json, json.dumps(rows, indent=1).encode())
     return 0
@@ -286,15 +313,24 @@ def cmd_gc(a) -> int:
 def cmd_estimate(a) -> int:
     from storage.estimate import PRICE_TIERS, Assumptions, estimate, render
 
+    from pipeline.codec import planned_layout
+
     tpp, ratio = a.tokens_per_passage, a.zstd_ratio
     if a.sample_corpus:
         tpp, ratio = _measure_sample(a, tpp, ratio)
     if ratio is None:
         ratio = 1.0
+    if a.codec == "pq" and (a.pq_m < 1 or (a.dims or a.hidden) % a.pq_m):
+        raise ConfigError(f"--pq-m {a.pq_m} must be a positive divisor of the stored dims {a.dims or a.hidden}")
+    layout = planned_layout(a.codec, a.dims or (192 if a.codec == "linear" else a.hidden),
+                            "none" if a.bits == 16 else "int8", a.pq_m)
+    fields = layout.estimate_fields(a.bits)
+    if a.codec == "linear" and layout.scaled:
+        fields["scale_bytes"] = a.scale_bytes
     try:
         assumptions = Assumptions(
-            passages=a.passages, tokens_per_passage=tpp, hidden=a.hidden, dims=a.dims, bits=a.bits,
-            bitpacked=a.bitpacked, zstd_ratio=ratio, scale_bytes=a.scale_bytes, token_id_bytes=a.token_id_bytes,
+            passages=a.passages, tokens_per_passage=tpp, hidden=a.hidden, **fields,
+            bitpacked=a.bitpacked, zstd_ratio=ratio, token_id_bytes=a.token_id_bytes,
             per_passage_bytes=a.per_passage_bytes, container_overhead=a.container_overhead,
             dpr_dim=a.dpr_dim, index_bytes_per_vector=a.index_bytes_per_vector)
     except ValueError as exc:
@@ -324,11 +360,15 @@ def _measure_sample(a, tpp: float, ratio: float | None) -> tuple[float, float | 
     from pipeline.corpus import Corpus
     from pipeline.dryrun import measure_sample
 
+    from pipeline.config import CompressionConfig
+
+    settings = CompressionConfig(codec=a.codec, dims=a.dims, quantize="none" if a.bits == 16 else "int8",
+                                 bits=min(a.bits, 8), pq_m=a.pq_m, opq=a.opq)
     measured_tpp, measured_ratio = measure_sample(
         ModelConfig(name=a.model, layers=a.layers),
         Corpus(CorpusConfig(url=a.sample_corpus, limit=a.sample_size, id_column=a.id_column,
                             title_column=a.title_column, text_column=a.text_column)),
-        a.sample_size, a.dims, a.bits, with_zstd_ratio=ratio is None)
+        a.sample_size, settings, with_zstd_ratio=ratio is None)
     return measured_tpp, ratio if ratio is not None else measured_ratio
 
 
@@ -343,8 +383,13 @@ def cmd_validate(a) -> int:
     fp = measure(store, m)
     if a.target_passages < 1 or not 0 < a.tolerance < 1:
         raise ConfigError("--target-passages must be positive and --tolerance in (0, 1)")
+    from pipeline.codec import codec_for_store
+
+    art = m.artifacts["compressor"]
+    codec = codec_for_store(store.read_verified(art), art["path"], m.fingerprint)
     try:
-        v = validate(fp, m.fingerprint, a.target_passages, a.tolerance)
+        v = validate(fp, codec.layout.estimate_fields(float(m.fingerprint.get("bits", 8))), a.target_passages,
+                     a.tolerance)
     except ValueError as exc:
         raise ConfigError(f"version {m.version}: {exc}") from exc
     if a.json:
@@ -352,8 +397,8 @@ def cmd_validate(a) -> int:
     else:
         print(f"version {m.version}: {fp.passages:,} passages, {fp.tokens:,} tokens "
               f"({v.tokens_per_passage:.1f}/passage); {mf.sizes(m).render()}")
-        print(f"the states shards ({fp.file_bytes:,} bytes) against the estimate; measured zstd ratio on codes "
-              f"{v.zstd_ratio:.3f}")
+        print(f"the states shards ({fp.file_bytes:,} bytes) against the estimate for {codec.describe()}; measured "
+              f"zstd ratio on codes {v.zstd_ratio:.3f}")
         print(f"{'component':<12} {'measured B/token':>17} {'estimate B/token':>17}")
         for k in ("codes", "scales", "token_ids", "per_passage", "container"):
             print(f"{k:<12} {v.measured.get(k, 0):17.3f} {v.estimated.get(k, 0):17.3f}")
@@ -375,14 +420,26 @@ def cmd_validate(a) -> int:
 def cmd_report(a) -> int:
     from pipeline.corpus import Corpus
     from pipeline.encoder import pick_device
-    from pipeline.ratedistortion import plot_png, sweep_corpus
+    from pipeline.ratedistortion import PQFamily, plot_png, sweep_corpus
     from storage.fs import redact_url, write_url
 
     model = _model_cfg(a)
-    dims_list = [int(x) for x in a.dims.split(",")] if a.dims else None
-    bits_list = [float(x) if "." in x else int(x) for x in a.bits.split(",")]
+    dims_list = _int_list(a.dims, "--dims") or None
+    bits_list = [float(x) if "." in x else int(x) for x in _number_list(a.bits, "--bits")]
+    pq_m = _int_list(a.pq_m, "--pq-m")
+    variants = tuple(v for v in a.pq_variants.split(",") if v)
+    if set(variants) - {"pq", "opq"}:
+        raise ConfigError(f"--pq-variants {a.pq_variants!r}: a comma list of pq, opq")
+    pq = PQFamily(tuple(pq_m), variants, a.pq_dims) if pq_m and variants else None
+    reference = None
+    if a.reference:
+        ref_dims, _, ref_bits = a.reference.partition(":")
+        try:
+            reference = (int(ref_dims), float(ref_bits))
+        except ValueError:
+            raise ConfigError(f"--reference {a.reference!r}: expected DIMS:BITS, e.g. 96:5.25") from None
     rd = sweep_corpus(model, Corpus(_corpus_cfg(a)), dims_list, bits_list, a.fit_sample, a.sample, a.seed,
-                      a.zstd_level, pick_device(a.device))
+                      a.zstd_level, pick_device(a.device), pq=pq, reference=reference)
     report = rd.render()
     out = a.out_dir.rstrip("/")
     write_url(f"{out}/rate_distortion.md", report.encode())
@@ -392,6 +449,23 @@ def cmd_report(a) -> int:
     print(report)
     print(f"wrote {redact_url(out)}/rate_distortion.md, .json, .png")
     return 0
+
+
+def _number_list(raw: str | None, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in (raw or "").split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {raw!r}: expected a comma-separated list of numbers") from None
+    if any(v <= 0 for v in values):
+        raise ConfigError(f"{flag} {raw!r}: values must be positive")
+    return values
+
+
+def _int_list(raw: str | None, flag: str) -> list[int]:
+    values = _number_list(raw, flag)
+    if any(v != int(v) for v in values):
+        raise ConfigError(f"{flag} {raw!r}: expected whole numbers")
+    return [int(v) for v in values]
 
 
 def cmd_plan_index(a) -> int:
@@ -536,16 +610,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus(r)
     _add_model(r)
     g = r.add_argument_group("compression")
-    g.add_argument("--dims", type=int, default=192, help="compressed dims per token (default 192)")
-    g.add_argument("--compressor", default=None, help="safetensors file (trained or from fit-compressor); "
-                   "default: fit PCA on --fit-sample passages of the corpus and store it")
+    _add_codec(g)
+    g.add_argument("--compressor", default=None, help="codec file, safetensors (trained, or from fit-compressor); "
+                   "default: fit the codec on --fit-sample passages of the corpus and store it")
     g.add_argument("--fit-sample", type=int, default=512,
                    help="passages sampled uniformly from the corpus to fit the PCA compressor on (default 512)")
     g.add_argument("--quantize", default="int8", choices=["int8", "none"],
                    help="int8: k-bit codes + one float16 scale per token (default); none: float16 states")
     g.add_argument("--bits", type=float, default=8, help="bits per code in the int8 container, 2..8; fractional "
                    "values set the level count (5.25 = 37 levels)")
-    g.add_argument("--zstd-level", type=int, default=3, help="zstd level for each passage's frame (default 3)")
+    g.add_argument("--zstd-level", type=int, default=3, help="zstd level for each passage's frame (default 3; "
+                   "0 = codes stored raw)")
     g = r.add_argument_group("DPR retrieval index (same run, same ids)")
     g.add_argument("--dpr-model", default=None, help="passage encoder, e.g. facebook/dpr-ctx_encoder-single-nq-base "
                    "or bundled:all-minilm-l6-v2 (default: no DPR pass)")
@@ -582,10 +657,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(r)
     r.set_defaults(func=cmd_run)
 
-    f = sub.add_parser("fit-compressor", help="fit a PCA compressor on a corpus sample (safetensors)")
+    f = sub.add_parser("fit-compressor", help="fit a codec (PCA projection, or PQ/OPQ codebooks) on a corpus "
+                       "sample (safetensors)")
     _add_corpus(f)
     _add_model(f)
-    f.add_argument("--dims", type=int, default=192)
+    _add_codec(f)
     f.add_argument("--sample", type=int, default=512, help="passages to fit on (default 512)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -595,10 +671,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("fidelity", help="upper layers on decompressed vs original states, held-out passages")
     _add_corpus(d)
     _add_model(d)
-    d.add_argument("--compressor", required=True)
+    d.add_argument("--compressor", required=True, help="codec file (from fit-compressor, or a store's artifacts/)")
     d.add_argument("--sample", type=int, default=200, help="held-out passages to measure (default 200)")
-    d.add_argument("--quantize", default="both", choices=["both", "int8", "none"])
-    d.add_argument("--bits", type=int, default=8)
+    d.add_argument("--quantize", default="both", choices=["both", "int8", "none"],
+                   help="linear codec: measure float16, int8 codes, or both (PQ codecs ignore it)")
+    d.add_argument("--bits", type=float, default=8)
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     d.add_argument("--json", default=None, help="also write the figures as JSON")
     d.set_defaults(func=cmd_fidelity)
@@ -627,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--passages", type=int, default=32_000_000)
     es.add_argument("--tokens-per-passage", type=float, default=150.0)
     es.add_argument("--hidden", type=int, default=768)
-    es.add_argument("--dims", type=int, default=192)
+    _add_codec(es)
     es.add_argument("--bits", type=float, default=8, help="2..8 quantised, 16 = float16")
     es.add_argument("--bitpacked", action="store_true", help="k-bit codes packed densely (default: int8 containers)")
     es.add_argument("--zstd-ratio", type=float, default=None, help="raw/stored code bytes (default 1.0, or measured "
@@ -664,6 +741,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--sample", type=int, default=200, help="held-out passages to measure")
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--zstd-level", type=int, default=3)
+    rp.add_argument("--pq-m", default="16,32,48,64,96", help="product-quantiser family: sub-quantiser counts to fit "
+                    "(comma list; each must divide the stored dims; empty = skip the family)")
+    rp.add_argument("--pq-variants", default="opq", help="comma list of pq (plain) and opq (learned rotation)")
+    rp.add_argument("--pq-dims", type=int, default=None, help="project to these dims before PQ (default: raw states)")
+    rp.add_argument("--reference", default=None, help="DIMS:BITS of the linear setting the other families are priced "
+                    "against (default hidden/4 : 5.25, i.e. 37 levels)")
     rp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     rp.add_argument("--out-dir", default="report")
     rp.set_defaults(func=cmd_report)

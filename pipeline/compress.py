@@ -56,18 +56,20 @@ class Compressor:
 
     # ---- serialisation
     def to_bytes(self) -> bytes:
+        # C order: safetensors writes an array's memory as it lies, so a transposed view would be
+        # stored transposed
         tensors = {
-            "compress.weight": self.compress_weight.astype(np.float32),
-            "compress.bias": self.compress_bias.astype(np.float32),
-            "decompress.weight": self.decompress_weight.astype(np.float32),
-            "decompress.bias": self.decompress_bias.astype(np.float32),
+            "compress.weight": np.ascontiguousarray(self.compress_weight, np.float32),
+            "compress.bias": np.ascontiguousarray(self.compress_bias, np.float32),
+            "decompress.weight": np.ascontiguousarray(self.decompress_weight, np.float32),
+            "decompress.bias": np.ascontiguousarray(self.decompress_bias, np.float32),
         }
         if self.explained_variance is not None:
             # The PCA view the fit-compressor command promises: axes, mean, variance.
             tensors["projection"] = self.compress_weight.astype(np.float32)
             tensors["mean"] = self.decompress_bias.astype(np.float32)
             tensors["explained_variance"] = self.explained_variance.astype(np.float32)
-        return _canonical(st_save(tensors, metadata={k: str(v) for k, v in self.metadata.items()}))
+        return canonical_safetensors(st_save(tensors, metadata={k: str(v) for k, v in self.metadata.items()}))
 
     @property
     def content_digest(self) -> str:
@@ -109,7 +111,7 @@ class Compressor:
         return cls(cw, cb, dw, db, tensors.get("explained_variance"), metadata)
 
 
-def _canonical(data: bytes) -> bytes:
+def canonical_safetensors(data: bytes) -> bytes:
     """Rewrite the JSON header with sorted keys (same length), so equal compressors are equal bytes:
     the file's sha256 goes into every shard's fingerprint."""
     n = int.from_bytes(data[:8], "little")

@@ -21,6 +21,7 @@ _CHOICES = {
     "on_duplicate": ("error", "keep-first"),
     "on_too_long": ("truncate", "skip"),
     "quantize": ("int8", "none"),
+    "codec": ("linear", "pq"),
     "device": ("auto", "cpu", "cuda"),
 }
 
@@ -97,23 +98,31 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    dims: int = 192
-    compressor: str | None = None  # safetensors file; None = fit PCA on a sample of the corpus
+    codec: str = "linear"  # linear: projection + int8 (the paper's); pq: product quantiser (see `precompute report`)
+    dims: int | None = None  # linear: default 192; pq: default None = no projection (the model's hidden size)
+    compressor: str | None = None  # codec file (safetensors); None = fit on a sample of the corpus
     fit_sample: int = 512
-    quantize: str = "int8"
-    bits: float = 8  # may be fractional (5.25 = 37 levels); see `precompute report`
-    zstd_level: int = 3
+    quantize: str = "int8"  # linear codec only
+    bits: float = 8  # linear codec only; may be fractional (5.25 = 37 levels); see `precompute report`
+    pq_m: int = 32  # pq codec: sub-quantisers = bytes per token; must divide the stored dims
+    opq: bool = False  # pq codec: learn a rotation first (OPQ): better fidelity, slower fit
+    zstd_level: int = 3  # 0 = codes stored without zstd
 
     def __post_init__(self):
         _check_choice("quantize", self.quantize)
-        if self.dims < 1:
+        _check_choice("codec", self.codec)
+        if self.dims is None and self.codec == "linear":
+            object.__setattr__(self, "dims", 192)
+        if self.dims is not None and self.dims < 1:
             raise ConfigError(f"dims={self.dims} must be positive")
         if not 2 <= self.bits <= 8:
             raise ConfigError(f"bits={self.bits}: codes are stored in int8, so 2..8 bits")
-        if not 1 <= self.zstd_level <= 22:
-            raise ConfigError(f"zstd_level={self.zstd_level} must be 1..22")
+        if not 0 <= self.zstd_level <= 22:
+            raise ConfigError(f"zstd_level={self.zstd_level} must be 0 (off) or 1..22")
         if self.fit_sample < 2:
             raise ConfigError("fit_sample must be at least 2 passages")
+        if self.pq_m < 1 or (self.dims is not None and self.codec == "pq" and self.dims % self.pq_m):
+            raise ConfigError(f"pq_m={self.pq_m} must be a positive divisor of dims={self.dims}")
 
 
 @dataclass(frozen=True)
@@ -194,13 +203,14 @@ class RunConfig:
         return body
 
 
-def fingerprint(model: ModelConfig, model_revision: str, compression: CompressionConfig,
+def fingerprint(model: ModelConfig, model_revision: str, compression: CompressionConfig, codec_fields: dict[str, Any],
                 compressor_sha256: str, max_length: int, schema_version: int) -> dict[str, Any]:
-    """What makes two stores' states comparable. Any change means a different version lineage."""
+    """What makes two stores' states comparable. Any change means a different version lineage.
+
+    `codec_fields`: the codec's own keys (`Codec.fingerprint_fields`): dims, quantisation and the like."""
     return {
         "model": model.name, "model_revision": model_revision, "layers": model.layers,
-        "max_length": max_length, "compressor_sha256": compressor_sha256, "dims": compression.dims,
-        "quantize": compression.quantize, "bits": compression.bits if compression.quantize != "none" else 16,
+        "max_length": max_length, "compressor_sha256": compressor_sha256, **codec_fields,
         "zstd_level": compression.zstd_level, "schema_version": schema_version,
     }
 

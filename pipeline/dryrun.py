@@ -10,7 +10,7 @@ import numpy as np
 from transformers import AutoConfig
 
 from pipeline import jobplan
-from pipeline.config import ModelConfig, RunConfig, resolve_model
+from pipeline.config import CompressionConfig, ModelConfig, RunConfig, resolve_model
 from pipeline.corpus import Corpus, CorpusScan
 from pipeline.splits import auto_rows_per_split
 from pipeline.tokenize import PairTokenizer, Tokenized, model_max_length
@@ -69,12 +69,15 @@ def plan_run(cfg: RunConfig, gpu: jobplan.GpuAssumptions) -> jobplan.JobPlan:
              f"corpus counts: {scan.counts.to_dict()}"]
     dpr_geometry, dpr_note = _dpr_geometry(cfg)
     notes += [dpr_note] if dpr_note else []
+    from pipeline.codec import planned_layout
+
     c = cfg.compression
-    bits = c.bits if c.quantize != "none" else 16
-    storage = estimate(Assumptions(passages=scan.n, tokens_per_passage=tpp, hidden=geometry.hidden, dims=c.dims,
-                                   bits=bits, dpr_dim=dpr_geometry.hidden if dpr_geometry else 0))
-    basis = (f"precompute estimate model, {bits}-bit codes in {'int8' if bits <= 8 else 'float16'}, zstd ratio "
-             f"assumed 1.0 (conservative; `precompute estimate --sample-corpus` measures it)")
+    layout = planned_layout(c.codec, c.dims or geometry.hidden, c.quantize, c.pq_m)
+    storage = estimate(Assumptions(passages=scan.n, tokens_per_passage=tpp, hidden=geometry.hidden,
+                                   **layout.estimate_fields(c.bits), dpr_dim=dpr_geometry.hidden if dpr_geometry else 0))
+    basis = (f"precompute estimate model, {c.codec} codec: {layout.width} x {layout.dtype} per token"
+             f"{' + a float16 scale' if layout.scaled else ''}, zstd ratio assumed 1.0 (conservative; "
+             f"`precompute estimate --sample-corpus` measures it)")
     return jobplan.encode_plan("encode", scan.n, cfg.execution.shard_size or auto_rows_per_split(scan.n), tpp, geometry, gpu, storage.total, basis,
                                dpr_geometry=dpr_geometry, notes=tuple(notes))
 
@@ -92,41 +95,39 @@ def plan_delta(cfg: RunConfig, update, gpu: jobplan.GpuAssumptions) -> jobplan.J
                                notes=(f"diff: {c}",) + ((dpr_note,) if dpr_note else ()))
 
 
-def measure_sample(model: ModelConfig, corpus: Corpus, size: int, dims: int, bits: float,
+def measure_sample(model: ModelConfig, corpus: Corpus, size: int, compression: CompressionConfig,
                    with_zstd_ratio: bool) -> tuple[float, float | None]:
-    """Tokens per passage on a corpus sample, and (when asked) the zstd ratio of its k-bit codes after PCA."""
+    """Tokens per passage on a corpus sample, and (when asked) the zstd ratio of the codes the
+    configured codec, fitted on that sample, would store."""
     t = tokenized_sample(corpus, corpus.scan(), model, size)
     tpp, n = tokens_per_passage(t)
     log.info("measured %.1f tokens per passage on %d sample passages", tpp, n)
     if not with_zstd_ratio:
         return tpp, None
     import torch
-    import zstandard
 
-    from pipeline.compress import PcaAccumulator
     from pipeline.config import ConfigError
     from pipeline.encoder import LayeredEncoder, pad_batch
-    from pipeline.quantize import quantize
+    from pipeline.fit import codec_from_states
+    from pipeline.pack import Packer
 
     enc = LayeredEncoder(model, torch.device("cpu"))
-    if dims > enc.hidden:
-        raise ConfigError(f"--dims {dims} exceeds the sample model's hidden size {enc.hidden}")
-    acc, states = PcaAccumulator(enc.hidden), []
+    if compression.dims is not None and compression.dims > enc.hidden:
+        raise ConfigError(f"--dims {compression.dims} exceeds the sample model's hidden size {enc.hidden}")
+    states = []
     for start in range(0, len(t.input_ids), 32):
         ids, types = t.input_ids[start:start + 32], t.token_type_ids[start:start + 32]
         i, tt, am = pad_batch(ids, types, 0, "cpu")
         h = enc.embed_and_lower(i, tt, am)
-        for row in range(h.shape[0]):
-            states.append(h[row][am[row].bool()].numpy())
-            acc.update(states[-1])
-    comp = acc.finish(dims)
-    zc = zstandard.ZstdCompressor(level=3)
+        states += [h[row][am[row].bool()].numpy() for row in range(h.shape[0])]
+    codec = codec_from_states(iter(states), compression)
+    encode, packer = codec.encoder(torch.device("cpu"), torch.float32), Packer(compression.zstd_level or 3)
     raw = packed = 0
     for s in states:
-        codes, _ = quantize(torch.from_numpy(comp.compress(s)), min(bits, 8))
-        raw += codes.numel()
-        packed += len(zc.compress(codes.numpy().tobytes()))
+        codes, _ = encode(torch.from_numpy(s))
+        raw += codes.numel() * codes.element_size()
+        packed += len(packer.pack(codes.numpy().tobytes()))
     ratio = raw / packed
-    log.info("measured zstd ratio %.3f on %d-bit codes of %d passages (%s, %d layers, PCA to %d dims)",
-             ratio, min(bits, 8), len(states), model.name, model.layers, dims)
+    log.info("measured zstd ratio %.3f on the codes of %d passages (%s, %d layers, %s)",
+             ratio, len(states), model.name, model.layers, codec.describe())
     return tpp, ratio

@@ -11,9 +11,8 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from pipeline.compress import Compressor
+from pipeline.codec import Codec
 from pipeline.config import ConfigError, ModelConfig
-from pipeline.quantize import quantize
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +110,8 @@ class LayeredEncoder:
 
 @dataclass
 class EncodedShard:
-    codes: list[np.ndarray]        # per passage: [n_tokens, dims] int8 (or float16 when unquantised)
-    scales: list[np.ndarray] | None
+    codes: list[np.ndarray]        # per passage: [n_tokens, width] in the codec's layout
+    scales: list[np.ndarray] | None  # per passage [n_tokens] float16, for a codec whose layout is scaled
     seconds: float
     tokens: int
     padded_tokens: int
@@ -142,17 +141,16 @@ def _to_host(t: torch.Tensor) -> np.ndarray:
 
 
 class ShardEncoder:
-    """Lower layers -> projection -> quantisation, all on the device; returns per-passage codes."""
+    """Lower layers -> the codec's encoder, all on the device; returns per-passage codes."""
 
-    def __init__(self, model_cfg: ModelConfig, compressor: Compressor, quantize_mode: str, bits: float,
-                 token_budget: int | None, device: torch.device, pad_id: int = 0):
+    def __init__(self, model_cfg: ModelConfig, codec: Codec, token_budget: int | None, device: torch.device,
+                 pad_id: int = 0):
         self.encoder = LayeredEncoder(model_cfg, device)
-        if compressor.hidden != self.encoder.hidden:
-            raise ConfigError(f"compressor expects hidden size {compressor.hidden}, "
+        if codec.hidden != self.encoder.hidden:
+            raise ConfigError(f"the codec expects hidden size {codec.hidden}, "
                               f"model {model_cfg.name} has {self.encoder.hidden}")
-        self.project = compressor.torch_module(device, self.encoder.dtype)
-        self.quantize_mode = quantize_mode
-        self.bits = bits
+        self.encode_states = codec.encoder(device, self.encoder.dtype)
+        self.scaled = codec.layout.scaled
         self.token_budget = token_budget or default_token_budget(device)
         self.pad_id = pad_id
 
@@ -161,7 +159,7 @@ class ShardEncoder:
         t0 = time.perf_counter()
         lengths = np.fromiter((len(s) for s in input_ids), dtype=np.int64, count=len(input_ids))
         codes: list[np.ndarray | None] = [None] * len(input_ids)
-        scales: list[np.ndarray | None] | None = [None] * len(input_ids) if self.quantize_mode != "none" else None
+        scales: list[np.ndarray | None] | None = [None] * len(input_ids) if self.scaled else None
         padded = 0
         device = self.encoder.device
         for batch in token_budget_batches(lengths, self.token_budget):
@@ -170,12 +168,7 @@ class ShardEncoder:
             padded += ids.numel()
             with torch.inference_mode():
                 h = self.encoder.embed_and_lower(ids, tt, am)
-                real = am.bool()
-                z = self.project(h[real])  # only real tokens, packed [sum(n_i), dims]
-                if self.quantize_mode == "none":
-                    q, s = z.to(torch.float16), None
-                else:
-                    q, s = quantize(z, self.bits)
+                q, s = self.encode_states(h[am.bool()])  # only real tokens, packed [sum(n_i), hidden]
             q_host = _to_host(q)
             s_host = _to_host(s) if s is not None else None
             offset = 0

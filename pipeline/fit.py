@@ -1,4 +1,4 @@
-"""Fit a compressor on a corpus sample, and measure what it costs the reader (fidelity)."""
+"""Fit a codec on a corpus sample, and measure what it costs the reader (fidelity)."""
 from __future__ import annotations
 
 import json
@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.codec import Codec, PQFit, fit_pq
 from pipeline.compress import Compressor, PcaAccumulator
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import CompressionConfig, ConfigError, ModelConfig
 from pipeline.corpus import Corpus
 from pipeline.encoder import LayeredEncoder, pad_batch, token_budget_batches
-from pipeline.quantize import dequantize, quantize
 from pipeline.sample import held_out, random_rows, rows_at
 from pipeline.tokenize import PairTokenizer, model_max_length
 
@@ -29,23 +29,56 @@ def _batches(tok: PairTokenizer, titles: list[str], texts: list[str], token_budg
         yield [ids[i] for i in batch], [types[i] for i in batch]
 
 
-def fit_compressor(model: ModelConfig, titles: list[str], texts: list[str], dims: int, max_length: int,
+def _lower_states(model: ModelConfig, titles: list[str], texts: list[str], max_length: int, device: torch.device,
+                  token_budget: int):
+    """The input component's real-token states, a float32 [tokens, hidden] array per batch."""
+    tok = PairTokenizer(model, max_length)
+    enc = LayeredEncoder(model, device)
+    for ids, types in _batches(tok, titles, texts, token_budget):
+        i, t, am = pad_batch(ids, types, 0, device)
+        yield enc.embed_and_lower(i, t, am)[am.bool()].float().cpu().numpy()
+
+
+def fit_compressor(model: ModelConfig, titles: list[str], texts: list[str], dims: int | None, max_length: int,
                    device: torch.device, token_budget: int = 8192,
                    metadata: dict[str, str] | None = None) -> Compressor:
     """PCA of the input component's token states: the optimum of phase-1 reconstruction (MSE)."""
-    tok = PairTokenizer(model, max_length)
-    enc = LayeredEncoder(model, device)
-    acc = PcaAccumulator(enc.hidden)
-    for ids, types in _batches(tok, titles, texts, token_budget):
-        i, t, am = pad_batch(ids, types, 0, device)
-        h = enc.embed_and_lower(i, t, am)
-        acc.update(h[am.bool()].float().cpu().numpy())
+    codec = fit_codec(model, titles, texts, CompressionConfig(dims=dims), max_length, device, token_budget, metadata)
+    c = codec.compressor
+    log.info("PCA %d -> %d: explained variance %s", c.hidden, c.dims, c.metadata.get("explained_variance_ratio"))
+    return c
+
+
+def fit_codec(model: ModelConfig, titles: list[str], texts: list[str], compression: CompressionConfig,
+              max_length: int, device: torch.device, token_budget: int = 8192,
+              metadata: dict[str, str] | None = None) -> Codec:
+    """The codec `compression` asks for, fitted on these passages' input-component states."""
     md = {"model": model.name, "layers": str(model.layers), "passages": str(len(texts))}
     md.update(metadata or {})
-    c = acc.finish(dims, md)
-    log.info("fitted PCA %d -> %d on %d tokens of %d passages; explained variance %s",
-             c.hidden, c.dims, acc.n, len(texts), c.metadata.get("explained_variance_ratio"))
-    return c
+    codec = codec_from_states(_lower_states(model, titles, texts, max_length, device, token_budget), compression, md)
+    log.info("fitted %s on %s token states of %d passages", codec.describe(), codec.metadata.get("tokens"),
+             len(texts))
+    return codec
+
+
+def codec_from_states(batches, compression: CompressionConfig, metadata: dict[str, str] | None = None) -> Codec:
+    """Fit on an iterable of [tokens, hidden] float32 arrays: PCA streams them; PQ keeps them (a bounded sample)."""
+    from pipeline.codec import LinearCodec
+
+    if compression.codec == "linear":
+        acc = None
+        for states in batches:
+            acc = acc or PcaAccumulator(states.shape[1])
+            acc.update(states)
+        if acc is None:
+            raise ConfigError("no passages to fit the codec on")
+        comp = acc.finish(compression.dims or acc.sum.size, metadata)
+        return LinearCodec(comp, compression.quantize, compression.bits)
+    parts = list(batches)
+    if not parts:
+        raise ConfigError("no passages to fit the codec on")
+    return fit_pq(np.concatenate(parts), PQFit(m=compression.pq_m, opq=compression.opq, dims=compression.dims),
+                  metadata)
 
 
 @dataclass
@@ -61,25 +94,20 @@ class Fidelity:
         return self.__dict__.copy()
 
 
-def measure_fidelity(model: ModelConfig, compressor: Compressor, titles: list[str], texts: list[str],
-                     max_length: int, device: torch.device, quantize_mode: str = "int8", bits: float = 8,
-                     token_budget: int = 8192) -> Fidelity:
-    """Upper layers on decompressed vs original states: the loss the cross component sees."""
+def measure_fidelity(model: ModelConfig, codec: Codec, titles: list[str], texts: list[str], max_length: int,
+                     device: torch.device, token_budget: int = 8192) -> Fidelity:
+    """Upper layers on decoded vs original states: the loss the cross component sees."""
     tok = PairTokenizer(model, max_length)
     enc = LayeredEncoder(model, device, keep_upper=True)
+    encode = codec.encoder(device, torch.float32)
     cos_all, pooled, rel = [], [], []
     for ids, types in _batches(tok, titles, texts, token_budget):
         i, t, am = pad_batch(ids, types, 0, device)
         h = enc.embed_and_lower(i, t, am).float()
         real = am.bool()
-        z = compressor.compress(h[real].cpu().numpy())
-        if quantize_mode != "none":
-            codes, scales = quantize(torch.from_numpy(z), bits)
-            z = dequantize(codes.numpy(), scales.numpy())
-        else:
-            z = z.astype(np.float16).astype(np.float32)
+        codes, scales = encode(h[real])
         h_rec = torch.zeros_like(h)
-        h_rec[real] = torch.from_numpy(compressor.decompress(z)).to(h.device)
+        h_rec[real] = codec.decode_torch(codes, scales).to(h.dtype)
         top = enc.total_layers
         ref = enc.run_layers(h.to(enc.dtype), am, enc.n_lower, top).float()
         got = enc.run_layers(h_rec.to(enc.dtype), am, enc.n_lower, top).float()
@@ -98,24 +126,29 @@ def measure_fidelity(model: ModelConfig, compressor: Compressor, titles: list[st
                     state_rel_error=float(np.mean(rel)))
 
 
-def fit_on_corpus(model: ModelConfig, corpus: Corpus, dims: int, sample: int, seed: int,
-                  device: torch.device) -> Compressor:
-    """PCA fitted on `sample` passages drawn uniformly (seeded) from a whole corpus; their ids are recorded."""
+def fit_on_corpus(model: ModelConfig, corpus: Corpus, compression: CompressionConfig, sample: int, seed: int,
+                  device: torch.device) -> Codec:
+    """A codec fitted on `sample` passages drawn uniformly (seeded) from a whole corpus; their ids are recorded."""
     scan = corpus.scan()
     ids, titles, texts = rows_at(corpus, scan, random_rows(scan.n, sample, seed))
-    return fit_compressor(model, titles, texts, dims, model_max_length(model), device,
-                          metadata={"fit_ids": json.dumps(sorted(ids)), "seed": str(seed)})
+    return fit_codec(model, titles, texts, compression, model_max_length(model), device,
+                     metadata={"fit_ids": json.dumps(sorted(ids)), "seed": str(seed)})
 
 
-def fidelity_on_corpus(model: ModelConfig, corpus: Corpus, compressor: Compressor, sample: int,
-                       modes: list[tuple[str, float]], device: torch.device) -> tuple[list[dict], int, int]:
-    """(rows of figures per quantisation mode, passages measured, passages excluded as used for fitting)."""
-    fit_ids = set(json.loads(compressor.metadata.get("fit_ids", "[]")))
+def fidelity_on_corpus(model: ModelConfig, corpus: Corpus, codecs: list[tuple[str, Codec]], sample: int,
+                       device: torch.device) -> tuple[list[dict], int, int]:
+    """(rows of figures per labelled codec, passages measured, passages excluded as used for fitting).
+
+    The codecs share one fit (their `fit_ids` metadata), so the held-out set is the same for all."""
+    fit_ids: set[int] = set()
+    for _, codec in codecs:
+        fit_ids |= set(json.loads(codec.metadata.get("fit_ids", "[]")))
     _, titles, texts = held_out(corpus, fit_ids, sample)
     if not texts:
-        raise ConfigError("no held-out passages: every passage was used to fit the compressor")
+        raise ConfigError("no held-out passages: every passage was used to fit the codec")
     rows = []
-    for mode, bits in modes:
-        f = measure_fidelity(model, compressor, titles, texts, model_max_length(model), device, mode, bits)
-        rows.append({"quantize": mode, "bits": bits, **f.to_dict()})
+    for label, codec in codecs:
+        f = measure_fidelity(model, codec, titles, texts, model_max_length(model), device)
+        rows.append({"codec": label, "bytes_per_token_raw": codec.layout.nbytes(1) + 2 * codec.layout.scaled,
+                     **f.to_dict()})
     return rows, len(texts), len(fit_ids)

@@ -43,28 +43,39 @@ def check_model(model: ModelConfig, dims: int | None) -> int:
     return hidden
 
 
-def check_compressor(comp, where: str, dims: int, hidden: int | None) -> None:
-    if comp.dims != dims:
-        raise ConfigError(f"--compressor {where} projects to {comp.dims} dims, but --dims is {dims}: pass "
-                          f"--dims {comp.dims}")
-    if hidden is not None and comp.hidden != hidden:
-        raise ConfigError(f"--compressor {where} expects {comp.hidden}-dim states, but the model's are {hidden}")
+def check_compressor(codec, where: str, compression, hidden: int | None) -> None:
+    """A given codec file must be the codec, dims and sub-quantiser count the flags ask for."""
+    if codec.kind != compression.codec:
+        raise ConfigError(f"--compressor {where} holds a {codec.kind} codec, but --codec is {compression.codec}: "
+                          f"pass --codec {codec.kind}")
+    if compression.dims is not None and codec.dims != compression.dims:
+        raise ConfigError(f"--compressor {where} stores {codec.dims} dims per token, but --dims is "
+                          f"{compression.dims}: pass --dims {codec.dims}")
+    m = codec.fingerprint_fields().get("pq_m")
+    if m is not None and m != compression.pq_m:
+        raise ConfigError(f"--compressor {where} has {m} sub-quantisers, but --pq-m is {compression.pq_m}: "
+                          f"pass --pq-m {m}")
+    if hidden is not None and codec.hidden != hidden:
+        raise ConfigError(f"--compressor {where} expects {codec.hidden}-dim states, but the model's are {hidden}")
 
 
 def preflight_run(cfg: RunConfig) -> bytes | None:
     """Store, model and compression settings, in that order; the first problem raises.
 
     Returns the bytes of a given --compressor (read once, here), else None."""
-    from pipeline.compress import Compressor
+    from pipeline.codec import codec_from_bytes
 
     check_writable(cfg.store, cfg.storage_options)
     hidden = check_model(cfg.model, cfg.compression.dims)
     c = cfg.compression
+    if c.codec == "pq" and c.dims is None and hidden % c.pq_m:
+        raise ConfigError(f"--pq-m {c.pq_m} does not divide {cfg.model.name}'s hidden size {hidden}: pick a divisor, "
+                          f"or project first with --dims")
     data = None
     if c.compressor:
         where = redact_url(c.compressor)
         data = read_url(c.compressor, cfg.storage_options)
-        check_compressor(Compressor.from_bytes(data, where), where, c.dims, hidden)
+        check_compressor(codec_from_bytes(data, where, c.quantize, c.bits), where, c, hidden)
     if cfg.dpr is not None:
         from pipeline.dpr import embedding_dim
 

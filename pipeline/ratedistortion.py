@@ -1,7 +1,8 @@
 """Rate-distortion: stored bytes per token against the fidelity the reader feels.
 
-Fidelity is the final-layer token cosine when the upper layers run on decompressed states instead
-of the original ones. PCA axes are nested, so one full-width fit serves every `dims`.
+Fidelity is the final-layer token cosine when the upper layers run on decoded states instead of the
+original ones. Every point is a codec (`pipeline.codec`): the linear family (PCA axes are nested, so
+one full-width fit serves every `dims`) and the product-quantiser family (PQ/OPQ, one fit per M).
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import numpy as np
 import torch
 import zstandard
 
+from pipeline.codec import Codec, LinearCodec, PQFit, fit_pq
 from pipeline.compress import PcaAccumulator
 from pipeline.config import ModelConfig
 from pipeline.encoder import LayeredEncoder, pad_batch, token_budget_batches
-from pipeline.quantize import bitpack, dequantize, quantize
 from pipeline.tokenize import PairTokenizer
 
 log = logging.getLogger(__name__)
@@ -25,12 +26,20 @@ log = logging.getLogger(__name__)
 @dataclass
 class RDPoint:
     dims: int
-    bits: float              # 16 = float16 (unquantised storage); fractional = 2*qmax+1 levels
-    storage: str             # "int8+zstd", "bitpacked", "fp16+zstd"
+    bits: float              # 16 = float16 (unquantised storage); fractional = 2*qmax+1 levels; PQ: 8 per code
+    storage: str             # "int8+zstd", "bitpacked", "fp16+zstd"; PQ: "raw", "zstd"
     code_bytes_per_token: float
     scale_bytes_per_token: float
     token_cosine: float
     delta_vs_unquantised: float = 0.0
+    family: str = "linear"   # "linear", "pq", "opq"
+    pq_m: int = 0            # PQ: sub-quantisers
+
+    @property
+    def label(self) -> str:
+        if self.family == "linear":
+            return f"PCA-{self.dims} {self.bits:g}-bit {self.storage}"
+        return f"{self.family.upper()} {self.pq_m}x8 on {self.dims} dims, {self.storage}"
 
     @property
     def bytes_per_token(self) -> float:
@@ -41,7 +50,8 @@ class RDPoint:
         return self.bytes_per_token / self.dims
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "bytes_per_token": self.bytes_per_token, "bytes_per_value": self.bytes_per_value}
+        return {**asdict(self), "bytes_per_token": self.bytes_per_token, "bytes_per_value": self.bytes_per_value,
+                "label": self.label}
 
 
 def _encode_passages(enc: LayeredEncoder, tok: PairTokenizer, titles, texts, budget: int):
@@ -56,60 +66,95 @@ def _encode_passages(enc: LayeredEncoder, tok: PairTokenizer, titles, texts, bud
     return out
 
 
+@dataclass(frozen=True)
+class Scored:
+    token_cosine: float
+    tokens: int
+    zstd_bytes: int      # codes, one zstd frame per passage (as stored)
+    raw_bytes: int       # codes as they are
+    passages: int
+
+
+def _score(enc: LayeredEncoder, batches, refs, codec: Codec, zc) -> Scored:
+    """Upper layers on this codec's decoded states against the originals, and the bytes its codes take."""
+    encode = codec.encoder(enc.device, torch.float32)
+    cos, n_tok, packed, raw, n_pass = [], 0, 0, 0, 0
+    for (h, am), ref in zip(batches, refs):
+        real = am.bool()
+        codes, scales = encode(h[real])
+        for part in torch.split(codes, real.sum(1).tolist()):
+            packed += len(zc.compress(part.cpu().numpy().tobytes()))
+            raw += part.numel() * part.element_size()
+            n_pass += 1
+        h_rec = torch.zeros_like(h)
+        h_rec[real] = codec.decode_torch(codes, scales).to(h.dtype)
+        got = enc.run_layers(h_rec.to(enc.dtype), am, enc.n_lower, enc.total_layers).float()
+        cos.append(torch.nn.functional.cosine_similarity(ref[real], got[real], dim=-1).cpu().numpy())
+        n_tok += int(real.sum())
+    return Scored(float(np.concatenate(cos).mean()), n_tok, packed, raw, n_pass)
+
+
+@dataclass(frozen=True)
+class PQFamily:
+    m_list: tuple[int, ...] = (16, 32, 48, 64, 96)
+    variants: tuple[str, ...] = ("opq",)  # "pq" and/or "opq"
+    dims: int | None = None               # project first; None = the raw states
+
+
 def sweep(model: ModelConfig, fit: tuple[list[str], list[str]], evaluate: tuple[list[str], list[str]],
           dims_list: list[int], bits_list: list[int], max_length: int, device: torch.device,
-          zstd_level: int = 3, token_budget: int = 8192) -> list[RDPoint]:
+          zstd_level: int = 3, token_budget: int = 8192, pq: PQFamily | None = None) -> list[RDPoint]:
     tok = PairTokenizer(model, max_length)
     enc = LayeredEncoder(model, device, keep_upper=True)
     acc = PcaAccumulator(enc.hidden)
+    fit_states = []
     for h, am in _encode_passages(enc, tok, *fit, token_budget):
-        acc.update(h[am.bool()].cpu().numpy())
+        fit_states.append(h[am.bool()].cpu().numpy())
+        acc.update(fit_states[-1])
     batches = _encode_passages(enc, tok, *evaluate, token_budget)
     refs = [enc.run_layers(h.to(enc.dtype), am, enc.n_lower, enc.total_layers).float() for h, am in batches]
     zc = zstandard.ZstdCompressor(level=zstd_level)
     points: list[RDPoint] = []
+    fp16_cosine: dict[int, float] = {}
     for dims in dims_list:
         comp = acc.finish(dims)
         for bits in sorted(bits_list, reverse=True):
-            cos, n_tok, int8_bytes, packed_bytes = [], 0, 0, 0
-            for (h, am), ref in zip(batches, refs):
-                real = am.bool()
-                z = torch.from_numpy(comp.compress(h[real].cpu().numpy()))
-                lengths = real.sum(1).tolist()
-                if bits == 16:
-                    q16 = z.half()
-                    z_rec = q16.float().numpy()
-                    for part in torch.split(q16, lengths):
-                        int8_bytes += len(zc.compress(part.numpy().tobytes()))
-                else:
-                    codes, scales = quantize(z, bits)
-                    z_rec = dequantize(codes.numpy(), scales.numpy())
-                    for part in torch.split(codes, lengths):  # one zstd frame per passage, as stored
-                        int8_bytes += len(zc.compress(part.numpy().tobytes()))
-                        packed_bytes += len(bitpack(part.numpy(), bits))
-                h_rec = torch.zeros_like(h)
-                h_rec[real] = torch.from_numpy(comp.decompress(z_rec)).to(h.device)
-                got = enc.run_layers(h_rec.to(enc.dtype), am, enc.n_lower, enc.total_layers).float()
-                cos.append(torch.nn.functional.cosine_similarity(ref[real], got[real], dim=-1).cpu().numpy())
-                n_tok += int(real.sum())
-            c = float(np.concatenate(cos).mean())
-            scale_b = 0.0 if bits == 16 else 2.0
+            codec = LinearCodec(comp, "none" if bits == 16 else "int8", bits)
+            sc = _score(enc, batches, refs, codec, zc)
             if bits == 16:
-                points.append(RDPoint(dims, 16, "fp16+zstd", int8_bytes / n_tok, 0.0, c))
+                fp16_cosine[dims] = sc.token_cosine
+                points.append(RDPoint(dims, 16, "fp16+zstd", sc.zstd_bytes / sc.tokens, 0.0, sc.token_cosine))
             else:
-                points.append(RDPoint(dims, bits, "int8+zstd", int8_bytes / n_tok, scale_b, c))
-                points.append(RDPoint(dims, bits, "bitpacked", packed_bytes / n_tok, scale_b, c))
-            log.info("dims %d bits %d: cosine %.5f, %.1f B/token", dims, bits, c, points[-1].bytes_per_token)
-        base = next((p.token_cosine for p in points if p.dims == dims and p.bits == 16), None)
-        for p in points:
-            if p.dims == dims and base is not None:
-                p.delta_vs_unquantised = base - p.token_cosine
+                # bit-packed size per passage: ceil(n x dims x ceil(bits) / 8), what `quantize.bitpack` writes
+                packed = sum(-(-int(n) * dims * int(np.ceil(bits)) // 8) for h, am in batches for n in am.sum(1))
+                points.append(RDPoint(dims, bits, "int8+zstd", sc.zstd_bytes / sc.tokens, 2.0, sc.token_cosine))
+                points.append(RDPoint(dims, bits, "bitpacked", packed / sc.tokens, 2.0, sc.token_cosine))
+            log.info("%s: cosine %.5f, %.1f B/token", points[-1].label, sc.token_cosine, points[-1].bytes_per_token)
+    for family in (pq.variants if pq else ()):
+        states = np.concatenate(fit_states)
+        for m in pq.m_list:
+            codec = fit_pq(states, PQFit(m=m, opq=family == "opq", dims=pq.dims))
+            sc = _score(enc, batches, refs, codec, zc)
+            for storage, nbytes in (("raw", sc.raw_bytes), ("zstd", sc.zstd_bytes)):
+                points.append(RDPoint(codec.dims, 8, storage, nbytes / sc.tokens, 0.0, sc.token_cosine, family=family,
+                                      pq_m=m))
+            log.info("%s: cosine %.5f, %.1f B/token raw, %.1f with zstd", points[-1].label, sc.token_cosine,
+                     sc.raw_bytes / sc.tokens, sc.zstd_bytes / sc.tokens)
+    for p in points:
+        if p.dims in fp16_cosine:
+            p.delta_vs_unquantised = fp16_cosine[p.dims] - p.token_cosine
     return points
 
 
 def cheapest_within(points: list[RDPoint], dims: int, tolerance: float = 0.002) -> RDPoint | None:
-    """The fewest bytes per token at `dims` whose cosine is within `tolerance` of unquantised."""
-    ok = [p for p in points if p.dims == dims and p.delta_vs_unquantised <= tolerance]
+    """The fewest bytes per token of the linear family at `dims` whose cosine is within `tolerance` of unquantised."""
+    ok = [p for p in points if p.family == "linear" and p.dims == dims and p.delta_vs_unquantised <= tolerance]
+    return min(ok, key=lambda p: p.bytes_per_token) if ok else None
+
+
+def cheapest_near(points: list[RDPoint], cosine: float, family: str, tolerance: float = 0.002) -> RDPoint | None:
+    """The fewest bytes per token of a family whose fidelity is at least `cosine - tolerance`."""
+    ok = [p for p in points if p.family == family and p.token_cosine >= cosine - tolerance]
     return min(ok, key=lambda p: p.bytes_per_token) if ok else None
 
 
@@ -119,14 +164,21 @@ def plot_png(points: list[RDPoint], title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for dims in sorted({p.dims for p in points}):
-        ps = sorted((p for p in points if p.dims == dims and p.storage != "bitpacked"), key=lambda p: p.bytes_per_token)
-        ax.plot([p.bytes_per_token for p in ps], [p.token_cosine for p in ps], "o-", label=f"{dims} dims")
+    linear = [p for p in points if p.family == "linear"]
+    for dims in sorted({p.dims for p in linear}):
+        ps = sorted((p for p in linear if p.dims == dims and p.storage != "bitpacked"), key=lambda p: p.bytes_per_token)
+        ax.plot([p.bytes_per_token for p in ps], [p.token_cosine for p in ps], "o-", label=f"PCA {dims} dims")
         for p in ps:
             ax.annotate(f"{p.bits}b", (p.bytes_per_token, p.token_cosine), fontsize=7, xytext=(3, -8),
                         textcoords="offset points")
+    for family in sorted({p.family for p in points} - {"linear"}):
+        ps = sorted((p for p in points if p.family == family and p.storage == "raw"), key=lambda p: p.bytes_per_token)
+        ax.plot([p.bytes_per_token for p in ps], [p.token_cosine for p in ps], "s--", label=f"{family.upper()} (M x 8 bits)")
+        for p in ps:
+            ax.annotate(f"M={p.pq_m}", (p.bytes_per_token, p.token_cosine), fontsize=7, xytext=(3, 4),
+                        textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("stored bytes per token (codes after zstd + scales)")
+    ax.set_xlabel("stored bytes per token (codes after zstd + scales; PQ: raw codes)")
     ax.set_ylabel("final-layer token cosine vs original")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
@@ -148,19 +200,30 @@ class RDReport:
     zstd_level: int
     dims_list: list[int]
     points: list[RDPoint]
+    reference: tuple[int, float] | None = None  # (dims, bits) of the linear point other families are priced against
+
+    def reference_point(self) -> RDPoint | None:
+        if self.reference is None:
+            return None
+        dims, bits = self.reference
+        return next((p for p in self.points if p.family == "linear" and p.dims == dims and p.bits == bits
+                     and p.storage == "int8+zstd"), None)
 
     def render(self) -> str:
-        """The report as Markdown: the table, and the cheapest storage per dims within 0.002 cosine."""
+        """The report as Markdown: the table, the cheapest linear storage per dims within 0.002 cosine, and
+        the cheapest point of every family within 0.002 of the reference's fidelity."""
         lines = [f"# Rate-distortion: {self.model}, input component = lower {self.layers} of its layers, hidden "
-                 f"{self.hidden}", "", f"PCA fitted on {self.fit_passages} passages; fidelity on {self.eval_passages} "
-                 "held-out passages = mean final-layer token cosine, upper layers on decompressed vs original states. "
-                 f"Bytes: codes after per-passage zstd (level {self.zstd_level}) + 2 B float16 scale per token.", "",
-                 "| dims | bits | storage | B/token | B/value | token cosine | loss vs unquantised |",
-                 "|---:|---:|---|---:|---:|---:|---:|"]
+                 f"{self.hidden}", "", f"Codecs fitted on {self.fit_passages} passages; fidelity on {self.eval_passages} "
+                 "held-out passages = mean final-layer token cosine, upper layers on decoded vs original states. "
+                 f"Bytes: codes (per-passage zstd level {self.zstd_level}, or raw) + 2 B float16 scale per token for the "
+                 "linear codec's int8 codes; PQ codes have no scale.", "",
+                 "| codec | dims | bits | storage | B/token | B/value | token cosine | loss vs fp16 at dims |",
+                 "|---|---:|---:|---|---:|---:|---:|---:|"]
         for p in self.points:
-            lines.append(f"| {p.dims} | {p.bits} | {p.storage} | {p.bytes_per_token:.1f} | {p.bytes_per_value:.3f} | "
-                         f"{p.token_cosine:.5f} | {p.delta_vs_unquantised:+.5f} |")
-        lines += ["", "Cheapest storage within 0.002 cosine of unquantised (fp16) at the same dims:", ""]
+            name = "linear (PCA)" if p.family == "linear" else f"{p.family.upper()} M={p.pq_m}"
+            lines.append(f"| {name} | {p.dims} | {p.bits:g} | {p.storage} | {p.bytes_per_token:.1f} | "
+                         f"{p.bytes_per_value:.3f} | {p.token_cosine:.5f} | {p.delta_vs_unquantised:+.5f} |")
+        lines += ["", "Cheapest linear storage within 0.002 cosine of unquantised (fp16) at the same dims:", ""]
         for dims in self.dims_list:
             best = cheapest_within(self.points, dims, 0.002)
             lines.append(f"- {dims} dims: " + (f"{best.bits}-bit {best.storage}, {best.bytes_per_token:.1f} B/token = "
@@ -173,12 +236,46 @@ class RDReport:
             lines += ["", f"At 4x dimension compression ({self.hidden} -> {quarter}): {best.bytes_per_value:.3f} B per "
                           f"stored value including scales; this {goal} the 0.625 B/value goal (BERT-base geometry "
                           f"would be {best.bytes_per_value * 192:.0f} B/token against the paper's 192)."]
+        lines += self._against_reference()
         return "\n".join(lines) + "\n"
+
+    def _against_reference(self) -> list[str]:
+        ref = self.reference_point()
+        if ref is None:
+            return []
+        lines = ["", f"## Against the reference: {ref.label}, {ref.bytes_per_token:.1f} B/token, cosine "
+                     f"{ref.token_cosine:.5f}", "", "Cheapest point of each family within 0.002 of the reference's "
+                     "fidelity (pick by bytes), and the most faithful point at or under the reference's bytes "
+                     "(pick by fidelity):", "", "| family | cheapest within 0.002 | B/token | x reference bytes | cosine "
+                     "| best at <= reference bytes | cosine |", "|---|---|---:|---:|---:|---|---:|"]
+        for family in sorted({p.family for p in self.points}):
+            near = cheapest_near(self.points, ref.token_cosine, family)
+            under = [p for p in self.points if p.family == family and p.bytes_per_token <= ref.bytes_per_token]
+            top = max(under, key=lambda p: p.token_cosine) if under else None
+            lines.append(f"| {family} | {near.label if near else 'none'} | "
+                         f"{f'{near.bytes_per_token:.1f}' if near else '-'} | "
+                         f"{f'{near.bytes_per_token / ref.bytes_per_token:.2f}' if near else '-'} | "
+                         f"{f'{near.token_cosine:.5f}' if near else '-'} | {top.label if top else 'none'} | "
+                         f"{f'{top.token_cosine:.5f}' if top else '-'} |")
+        win = [p for p in self.points if p.token_cosine >= ref.token_cosine
+               and p.bytes_per_token <= 0.6 * ref.bytes_per_token]
+        if win:
+            w = min(win, key=lambda p: p.bytes_per_token)
+            lines += ["", f"Goal (fidelity >= the reference's at <= 0.6x its bytes): met by {w.label}, "
+                          f"{w.bytes_per_token:.1f} B/token = {w.bytes_per_token / ref.bytes_per_token:.2f}x, cosine "
+                          f"{w.token_cosine:.5f}."]
+        else:
+            lines += ["", "Goal (fidelity >= the reference's at <= 0.6x its bytes): not met by any point measured."]
+        return lines
 
 
 def sweep_corpus(model: ModelConfig, corpus, dims_list: list[int] | None, bits_list: list[float], fit_sample: int,
-                 sample: int, seed: int, zstd_level: int, device: torch.device) -> RDReport:
-    """Fit on `fit_sample` passages of a seeded permutation of the corpus, measure on the next `sample`."""
+                 sample: int, seed: int, zstd_level: int, device: torch.device, pq: PQFamily | None = None,
+                 reference: tuple[int, float] | None = None) -> RDReport:
+    """Fit on `fit_sample` passages of a seeded permutation of the corpus, measure on the next `sample`.
+
+    `reference`: (dims, bits) of the linear setting to price the other families against; default
+    hidden/4 at 5.25 bits (37 levels), added to the sweep if it is not in it."""
     from transformers import AutoConfig
 
     from pipeline.config import ConfigError
@@ -193,6 +290,14 @@ def sweep_corpus(model: ModelConfig, corpus, dims_list: list[int] | None, bits_l
         raise ConfigError("no held-out passages left: lower --fit-sample")
     hidden = AutoConfig.from_pretrained(model.path, revision=model.revision).hidden_size
     dims_list = dims_list or sorted({hidden // 4, hidden * 3 // 8, hidden // 2, hidden * 3 // 4, hidden})
+    reference = reference or (hidden // 4, 5.25)
+    dims_list = sorted(set(dims_list) | {reference[0]})
+    bits_list = sorted(set(bits_list) | {reference[1]})
+    if pq is not None:
+        bad = [m for m in pq.m_list if (pq.dims or hidden) % m]
+        if bad:
+            raise ConfigError(f"--pq-m {bad}: each must divide the stored dims {pq.dims or hidden}")
     points = sweep(model, (fit_titles, fit_texts), (eval_titles, eval_texts), dims_list, bits_list,
-                   model_max_length(model), device, zstd_level)
-    return RDReport(model.name, model.layers, hidden, len(fit_texts), len(eval_texts), zstd_level, dims_list, points)
+                   model_max_length(model), device, zstd_level, pq=pq)
+    return RDReport(model.name, model.layers, hidden, len(fit_texts), len(eval_texts), zstd_level, dims_list, points,
+                    reference)

@@ -1,7 +1,8 @@
-"""The reading side: token ids and decompressed [n_tokens x hidden] states for given passage ids.
+"""The reading side: token ids and decoded [n_tokens x hidden] states for given passage ids.
 
 Opens one manifest version (never lists shards), picks shards by id range and row groups by
 Parquet statistics, and refuses any file whose size or checksum disagrees with the manifest.
+Decoding goes through the store's codec (`pipeline.codec`): nothing here knows how codes are made.
 """
 from __future__ import annotations
 
@@ -12,15 +13,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.compress import Compressor
+from pipeline.codec import Codec, codec_for_store
 from pipeline.pack import Packer
-from pipeline.quantize import dequantize
 from storage import manifest as mf
 from storage.fs import IntegrityError, Store  # noqa: F401  (IntegrityError re-exported)
 from storage import tombstones
 from storage.shards import read_rows
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodedPassage:
+    """One passage as stored: token ids and its codes in the codec's layout, not yet decoded."""
+    id: int
+    token_ids: np.ndarray       # [n_tokens] int64
+    codes: np.ndarray           # [n_tokens, width]
+    scales: np.ndarray | None   # [n_tokens] float16, for a scaled layout
 
 
 @dataclass
@@ -42,11 +51,10 @@ class StateReader:
         art = self.manifest.artifacts.get("compressor")
         if art is None:
             raise IntegrityError(f"version {self.version} records no compressor artifact")
-        data = store.read_verified(art)
-        self.compressor = Compressor.from_bytes(data, art["path"])
         fp = self.manifest.fingerprint
-        self.dims, self.quantize = int(fp["dims"]), fp["quantize"]
-        self.packer = Packer()
+        self.codec: Codec = codec_for_store(store.read_verified(art), art["path"], fp)
+        self.layout = self.codec.layout
+        self.packer = Packer(int(fp.get("zstd_level", 3)))
         self._checked: set[str] = set()
         self._shards = self.manifest.shards_of("states")
         self._dead = tombstones.load(store, self.manifest.artifacts.get("tombstones"))
@@ -90,8 +98,14 @@ class StateReader:
 
     def get(self, passage_ids) -> dict[int, PassageStates]:
         """States for each id present in this version; absent ids are simply not in the result."""
+        return {pid: PassageStates(pid, e.token_ids, self.codec.decode(e.codes, e.scales))
+                for pid, e in self.get_encoded(passage_ids).items()}
+
+    def get_encoded(self, passage_ids) -> dict[int, EncodedPassage]:
+        """Stored codes for each id present in this version, unpacked but not decoded (a caller may decode
+        them in one batch on its own device with `codec.decode_torch`)."""
         wanted = np.unique(np.asarray(list(passage_ids), dtype=np.int64))
-        found: dict[int, PassageStates] = {}
+        found: dict[int, EncodedPassage] = {}
         for k in self._candidates(wanted):
             shard = self._shards[k]
             mine = wanted[(wanted >= self._lo[k]) & (wanted <= self._hi[k])]
@@ -102,19 +116,18 @@ class StateReader:
             if dead is not None:
                 table = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=pa.array(dead, pa.int64()))))
             for row in table.to_pylist():
-                found[row["id"]] = self._decode(row)
+                found[row["id"]] = self._unpack(row)
         return found
 
-    def _decode(self, row: dict) -> PassageStates:
+    def _unpack(self, row: dict) -> EncodedPassage:
         n = row["n_tokens"]
         token_ids = np.asarray(row["token_ids"], dtype=np.int64)
         if token_ids.size != n:
             raise IntegrityError(f"passage {row['id']}: {token_ids.size} token ids, n_tokens says {n}")
-        if self.quantize == "none":
-            raw = self.packer.unpack(row["codes"], n * self.dims * 2)
-            z = np.frombuffer(raw, dtype=np.float16).reshape(n, self.dims).astype(np.float32)
-        else:
-            raw = self.packer.unpack(row["codes"], n * self.dims)
-            codes = np.frombuffer(raw, dtype=np.int8).reshape(n, self.dims)
-            z = dequantize(codes, np.asarray(row["scales"], dtype=np.float16))
-        return PassageStates(id=row["id"], token_ids=token_ids, states=self.compressor.decompress(z))
+        codes = self.layout.view(self.packer.unpack(row["codes"], self.layout.nbytes(n)), n)
+        scales = None
+        if self.layout.scaled:
+            scales = np.asarray(row["scales"] if row["scales"] is not None else [], dtype=np.float16)
+            if scales.size != n:
+                raise IntegrityError(f"passage {row['id']}: {scales.size} scales for {n} tokens")
+        return EncodedPassage(id=row["id"], token_ids=token_ids, codes=codes, scales=scales)

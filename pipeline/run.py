@@ -18,19 +18,19 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.compress import Compressor
+from pipeline.codec import codec_from_bytes
 from pipeline.config import ModelConfig, RunConfig, digest, fingerprint
 from pipeline.corpus import Corpus, CorpusCounts, CorpusError, CorpusPlan
 from pipeline.dedupe import find_duplicates
 from pipeline.encode import cluster_gpus, encode_splits, init_ray
 from pipeline.encoder import model_revision, pick_device
-from pipeline.fit import fit_compressor
+from pipeline.fit import fit_codec
 from pipeline.fitsample import fit_sample_task, merge_fit_samples
 from pipeline.index_build import build_index
 from pipeline.preflight import check_compressor, preflight_run
 from pipeline.sink import finished_markers, shard_entries
 from pipeline.splits import sample_splits
-from pipeline.stages import EncodeStage, StageContext, shard_of
+from pipeline.stages import EncodeStage, StageContext, load_codec, shard_of
 from pipeline.tokenize import model_max_length
 from storage import manifest as mf
 from storage import tombstones
@@ -108,33 +108,34 @@ def corpus_label(cfg: RunConfig) -> str:
 
 def _obtain_compressor(cfg: RunConfig, store: Store, plan: CorpusPlan, revision: str,
                        max_length: int, given: bytes | None = None) -> tuple[str, str, int]:
-    """(store path, sha256, bytes) of the compressor artifact, fitting one if none was given.
+    """(store path, sha256, bytes) of the codec artifact, fitting one if none was given.
 
     `given`: the --compressor file's bytes as preflight read them (checked there against the model)."""
     c = cfg.compression
     if c.compressor:
         data = given if given is not None else read_url(c.compressor, cfg.storage_options)
         where = redact_url(c.compressor)
-        check_compressor(Compressor.from_bytes(data, where), where, c.dims, None)
+        check_compressor(codec_from_bytes(data, where, c.quantize, c.bits), where, c, None)
         sha = sha256_bytes(data)
         rel = f"artifacts/compressor-{sha[:16]}.safetensors"
     else:
         fit_key = digest({"model": cfg.model.name, "revision": revision, "layers": cfg.model.layers,
-                          "dims": c.dims, "corpus": plan.digest, "sample": c.fit_sample, "max_length": max_length})
+                          "dims": c.dims, "corpus": plan.digest, "sample": c.fit_sample, "max_length": max_length,
+                          **({"codec": c.codec, "pq_m": c.pq_m, "opq": c.opq} if c.codec != "linear" else {})})
         rel = f"artifacts/compressor-fit-{fit_key}.safetensors"
         if store.exists(rel):
             data = store.read_bytes(rel)
-            Compressor.from_bytes(data, rel)
-            log.info("reusing compressor fitted earlier on this corpus: %s", rel)
+            codec_from_bytes(data, rel, c.quantize, c.bits)
+            log.info("reusing the codec fitted earlier on this corpus: %s", rel)
             return rel, sha256_bytes(data), len(data)
         import ray
 
         ids, titles, texts = _fit_sample(cfg, plan)
-        log.info("fitting a PCA compressor %s on %d sampled passages (pass --compressor FILE to skip)",
-                 f"-> {c.dims} dims", len(ids))
+        log.info("fitting a %s codec on %d sampled passages (pass --compressor FILE to skip)",
+                 "PCA" if c.codec == "linear" else c.codec.upper(), len(ids))
         gpus = 1 if cluster_gpus() else 0
         remote = ray.remote(num_cpus=cfg.execution.encoder_cpus, num_gpus=gpus)(_fit_task)
-        data = ray.get(remote.remote(cfg.model, titles, texts, c.dims, max_length, cfg.execution.device,
+        data = ray.get(remote.remote(cfg.model, titles, texts, c, max_length, cfg.execution.device,
                                      cfg.execution.token_budget or 8192, ids))
         sha = sha256_bytes(data)
     if not store.exists(rel) or store.size(rel) != len(data):
@@ -142,10 +143,10 @@ def _obtain_compressor(cfg: RunConfig, store: Store, plan: CorpusPlan, revision:
     return rel, sha, len(data)
 
 
-def _fit_task(model, titles, texts, dims, max_length, device, token_budget, ids) -> bytes:
-    comp = fit_compressor(model, titles, texts, dims, max_length, pick_device(device), token_budget,
-                          metadata={"fit_ids": json.dumps(sorted(ids))})
-    return comp.to_bytes()
+def _fit_task(model, titles, texts, compression, max_length, device, token_budget, ids) -> bytes:
+    codec = fit_codec(model, titles, texts, compression, max_length, pick_device(device), token_budget,
+                      metadata={"fit_ids": json.dumps(sorted(ids))})
+    return codec.to_bytes()
 
 
 @dataclass
@@ -161,7 +162,9 @@ def prepare(cfg: RunConfig, store: Store, compressor: tuple[str, str, int], run_
     max_length = model_max_length(cfg.model)
     revision = revision or model_revision(cfg.model)  # hashing a local checkpoint reads every weight file
     comp_rel, comp_sha, _ = compressor
-    fp = fingerprint(cfg.model, revision, cfg.compression, comp_sha, max_length, SCHEMA_VERSION)
+    codec = load_codec(store, comp_rel, comp_sha, cfg.compression)
+    fp = fingerprint(cfg.model, revision, cfg.compression, codec.fingerprint_fields(), comp_sha, max_length,
+                     SCHEMA_VERSION)
     shares = True
     if cfg.dpr is not None:
         from pipeline.dpr import resolve_normalize, resolve_pooling, same_vocabulary
@@ -175,7 +178,7 @@ def prepare(cfg: RunConfig, store: Store, compressor: tuple[str, str, int], run_
                  "sharing the input component's token ids" if shares else "own tokenizer")
     ctx = StageContext(store_url=cfg.store, run_dir=run_dir or "", model=cfg.model, compression=cfg.compression,
                        execution=cfg.execution, max_length=max_length, compressor_path=comp_rel,
-                       compressor_sha256=comp_sha, fingerprint=fp, dpr=cfg.dpr, dpr_shares_tokens=shares,
+                       compressor_sha256=comp_sha, fingerprint=fp, scaled_codes=codec.layout.scaled, dpr=cfg.dpr, dpr_shares_tokens=shares,
                        storage_options=cfg.storage_options)
     return Prepared(ctx, fp, max_length)
 

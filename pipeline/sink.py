@@ -70,8 +70,7 @@ class ShardSink(Datasink):
         table = table.filter(keep)
         raw = table.column("raw_codes").to_pylist()
         packed = [packer.pack(r) for r in raw]
-        quantized = self.ctx.compression.quantize != "none"
-        schema = state_schema(meta["vocab_size"], quantized)
+        schema = state_schema(meta["vocab_size"], self.ctx.scaled_codes)
         states = pa.Table.from_arrays([
             table.column("id"), table.column("content_hash"), table.column("n_tokens"),
             table.column("token_ids").cast(schema.field("token_ids").type),

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline.compress import Compressor
+from pipeline.codec import Codec, codec_from_bytes
 from pipeline.config import CompressionConfig, CorpusConfig, DprConfig, ExecutionConfig, ModelConfig
 from pipeline.encoder import ShardEncoder, pick_device
 from pipeline.tokenize import PairTokenizer
@@ -85,6 +85,7 @@ class StageContext:
     compressor_path: str
     compressor_sha256: str
     fingerprint: dict[str, Any]
+    scaled_codes: bool = True  # the codec stores a float16 scale per token (its layout says)
     dpr: DprConfig | None = None
     dpr_shares_tokens: bool = True  # same vocabulary: the DPR pass reuses the token ids
     corpus: CorpusConfig | None = None  # where PrepareStage reads splits from (None: staged input slices)
@@ -94,8 +95,10 @@ class StageContext:
         return Store(self.store_url, self.storage_options)
 
 
-def load_compressor(store: Store, rel: str, sha256: str) -> Compressor:
-    return Compressor.from_bytes(store.read_verified({"path": rel, "sha256": sha256}), rel)
+def load_codec(store: Store, rel: str, sha256: str, compression: CompressionConfig) -> Codec:
+    """The run's codec, from its artifact (refused unless its sha256 matches) and the quantisation settings."""
+    data = store.read_verified({"path": rel, "sha256": sha256})
+    return codec_from_bytes(data, rel, compression.quantize, compression.bits)
 
 
 class TokenizeStage:
@@ -145,13 +148,12 @@ class EncodeStage:
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
         store = ctx.store()
-        compressor = load_compressor(store, ctx.compressor_path, ctx.compressor_sha256)
+        codec = load_codec(store, ctx.compressor_path, ctx.compressor_sha256, ctx.compression)
         device = pick_device(ctx.execution.device)
         if device.type == "cpu":
             per_actor = max(1, (os.cpu_count() or 1) // (ctx.execution.num_encoders or 1))
             torch.set_num_threads(ctx.execution.torch_threads or per_actor)
-        c = ctx.compression
-        self.encoder = ShardEncoder(ctx.model, compressor, c.quantize, c.bits, ctx.execution.token_budget, device)
+        self.encoder = ShardEncoder(ctx.model, codec, ctx.execution.token_budget, device)
         self.embedder = None
         if ctx.dpr is not None:
             from pipeline.dpr import Embedder
@@ -211,8 +213,8 @@ def shard_metadata(ctx: StageContext) -> dict[str, Any]:
     """Key-value metadata every state shard carries, so a lone file still says what it holds."""
     fp = ctx.fingerprint
     return {"model": fp["model"], "model_revision": fp["model_revision"], "layers": fp["layers"],
-            "compressor_sha256": fp["compressor_sha256"], "dims": fp["dims"], "quantize": fp["quantize"],
-            "bits": fp["bits"], "zstd_level": fp["zstd_level"], "schema_version": SCHEMA_VERSION,
-            "max_length": fp["max_length"]}
+            "compressor_sha256": fp["compressor_sha256"], "codec": fp.get("codec", "linear"), "dims": fp["dims"],
+            "quantize": fp["quantize"], "bits": fp["bits"], "zstd_level": fp["zstd_level"],
+            "schema_version": SCHEMA_VERSION, "max_length": fp["max_length"]}
 
 

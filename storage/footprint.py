@@ -70,8 +70,11 @@ class Validation:
         return abs(self.relative_error) <= self.tolerance
 
 
-def validate(fp: Footprint, fingerprint: dict, target_passages: int, tolerance: float = 0.02) -> Validation:
-    """Compare bytes written with the model fed the measured token count and zstd ratio."""
+def validate(fp: Footprint, layout_fields: dict, target_passages: int, tolerance: float = 0.02) -> Validation:
+    """Compare bytes written with the model fed the measured token count and zstd ratio.
+
+    `layout_fields`: what the store's codec stores per token, in the model's names (dims = values per
+    token, bits, scale_bytes): the caller asks the codec (`CodeLayout.estimate_fields`)."""
     import numpy as np
 
     from storage.estimate import Assumptions, estimate
@@ -79,12 +82,10 @@ def validate(fp: Footprint, fingerprint: dict, target_passages: int, tolerance: 
     if fp.passages == 0 or fp.tokens == 0:
         raise ValueError("the store holds no passages to measure")
     split = fp.split()
-    bits = float(fingerprint.get("bits", 8))
-    dims = int(fingerprint["dims"])
     zstd_ratio = fp.raw_codes / split["codes"] if fp.raw_codes and split["codes"] else 1.0
     tpp = fp.tokens / fp.passages
-    a = Assumptions(passages=fp.passages, tokens_per_passage=tpp, hidden=dims, dims=dims, bits=bits,
-                    zstd_ratio=zstd_ratio, dpr_dim=0)
+    a = Assumptions(passages=fp.passages, tokens_per_passage=tpp, hidden=int(layout_fields["dims"]),
+                    zstd_ratio=zstd_ratio, dpr_dim=0, **layout_fields)
     est = estimate(a)
     measured = {k: v / fp.tokens for k, v in split.items()}
     estimated = {k: v / fp.tokens for k, v in est.components.items()}

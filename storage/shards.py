@@ -22,16 +22,16 @@ def token_id_type(vocab_size: int) -> pa.DataType:
     return pa.uint16() if vocab_size <= 65536 else pa.uint32()
 
 
-def state_schema(vocab_size: int, quantized: bool) -> pa.Schema:
+def state_schema(vocab_size: int, scaled: bool) -> pa.Schema:
     """Token-state shard: one row per passage, only real tokens stored."""
     return pa.schema([
         pa.field("id", pa.int64(), nullable=False),
         pa.field("content_hash", pa.binary(16), nullable=False),
         pa.field("n_tokens", pa.int32(), nullable=False),
         pa.field("token_ids", pa.list_(token_id_type(vocab_size)), nullable=False),
-        # Per-token dequantisation scale; null when codes are stored unquantised (float16).
-        pa.field("scales", pa.list_(pa.float16()), nullable=quantized is False),
-        # zstd frame of the [n_tokens x dims] code matrix, row-major.
+        # Per-token dequantisation scale; null for a codec without scales (float16 values, PQ codes).
+        pa.field("scales", pa.list_(pa.float16()), nullable=not scaled),
+        # The [n_tokens x width] code matrix, row-major: a zstd frame, or raw when zstd_level is 0.
         pa.field("codes", pa.binary(), nullable=False),
     ])
 

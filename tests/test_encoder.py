@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from pipeline.codec import LinearCodec
 from pipeline.compress import PcaAccumulator
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.encoder import LayeredEncoder, ShardEncoder, token_budget_batches
@@ -68,14 +69,14 @@ def test_shard_encoder_stores_only_real_tokens_and_is_padding_invariant(tiny_mod
     acc = PcaAccumulator(32)
     acc.update(np.random.default_rng(0).standard_normal((200, 32)))
     comp = acc.finish(8)
-    together = ShardEncoder(model, comp, "int8", 8, 100_000, CPU).encode(tok.input_ids, tok.token_type_ids)
-    alone = ShardEncoder(model, comp, "int8", 8, 1, CPU).encode(tok.input_ids, tok.token_type_ids)  # batch of 1 each
+    together = ShardEncoder(model, LinearCodec(comp), 100_000, CPU).encode(tok.input_ids, tok.token_type_ids)
+    alone = ShardEncoder(model, LinearCodec(comp), 1, CPU).encode(tok.input_ids, tok.token_type_ids)  # batch of 1
     for i, ids in enumerate(tok.input_ids):
         assert together.codes[i].shape == (len(ids), 8)
         assert np.abs(together.codes[i].astype(int) - alone.codes[i].astype(int)).max() <= 1
     assert together.tokens == sum(len(x) for x in tok.input_ids)
     assert together.padded_tokens > together.tokens  # one batch, dynamic padding to its own longest
     assert alone.padded_tokens == alone.tokens  # batches of one: no padding at all
-    unq = ShardEncoder(model, comp, "none", 8, 4096, CPU).encode(tok.input_ids, tok.token_type_ids)
+    unq = ShardEncoder(model, LinearCodec(comp, "none"), 4096, CPU).encode(tok.input_ids, tok.token_type_ids)
     assert unq.scales is None and unq.codes[0].dtype == np.float16
     del enc
