@@ -30,6 +30,45 @@ class PassageStates:
     states: np.ndarray      # [n_tokens, hidden] float32
 
 
+@dataclass
+class EncodedPassage:
+    """A passage as stored, unpacked but not decoded: what a runtime decodes in one batch on its device."""
+    id: int
+    token_ids: np.ndarray        # int64 [n]
+    codes: np.ndarray            # [n, w] per-token codes (int8, or float16 when unquantised)
+    scales: np.ndarray | None    # float16 [n], or None when unquantised
+
+
+class StoredCodec:
+    """Codes -> [n, hidden] float32 states: dequantisation, then the back-projection.
+
+    Kept small on purpose: the codec interface (issue #20) replaces it with the same two methods."""
+
+    def __init__(self, compressor: Compressor, quantize: str):
+        self.compressor = compressor
+        self.quantize = quantize
+        self._torch: dict = {}
+
+    def decode(self, codes: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+        z = codes.astype(np.float32) if scales is None else dequantize(codes, scales)
+        return self.compressor.decompress(z)
+
+    def decode_torch(self, codes, scales):
+        """The same on the tensors' device; torch is imported here so readers never load it."""
+        import torch
+
+        key = codes.device
+        if key not in self._torch:
+            c = self.compressor
+            self._torch[key] = (torch.as_tensor(c.decompress_weight, device=key),
+                                torch.as_tensor(c.decompress_bias, device=key))
+        weight, bias = self._torch[key]
+        z = codes.float()
+        if scales is not None:
+            z = z * scales.float().unsqueeze(-1)
+        return torch.nn.functional.linear(z, weight, bias)
+
+
 class StateReader:
     def __init__(self, store: Store, version: int | None = None, verify: str = "checksum"):
         """verify: 'checksum' hashes each shard on first use (once per reader); 'size' only compares sizes."""
@@ -46,6 +85,7 @@ class StateReader:
         self.compressor = Compressor.from_bytes(data, art["path"])
         fp = self.manifest.fingerprint
         self.dims, self.quantize = int(fp["dims"]), fp["quantize"]
+        self.codec = StoredCodec(self.compressor, self.quantize)
         self.packer = Packer()
         self._checked: set[str] = set()
         self._shards = self.manifest.shards_of("states")
@@ -90,8 +130,13 @@ class StateReader:
 
     def get(self, passage_ids) -> dict[int, PassageStates]:
         """States for each id present in this version; absent ids are simply not in the result."""
+        return {pid: PassageStates(id=pid, token_ids=e.token_ids, states=self.codec.decode(e.codes, e.scales))
+                for pid, e in self.get_encoded(passage_ids).items()}
+
+    def get_encoded(self, passage_ids) -> dict[int, EncodedPassage]:
+        """Token ids and unpacked codes for each id present in this version (no decoding)."""
         wanted = np.unique(np.asarray(list(passage_ids), dtype=np.int64))
-        found: dict[int, PassageStates] = {}
+        found: dict[int, EncodedPassage] = {}
         for k in self._candidates(wanted):
             shard = self._shards[k]
             mine = wanted[(wanted >= self._lo[k]) & (wanted <= self._hi[k])]
@@ -102,19 +147,18 @@ class StateReader:
             if dead is not None:
                 table = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=pa.array(dead, pa.int64()))))
             for row in table.to_pylist():
-                found[row["id"]] = self._decode(row)
+                found[row["id"]] = self._unpack(row)
         return found
 
-    def _decode(self, row: dict) -> PassageStates:
+    def _unpack(self, row: dict) -> EncodedPassage:
         n = row["n_tokens"]
         token_ids = np.asarray(row["token_ids"], dtype=np.int64)
         if token_ids.size != n:
             raise IntegrityError(f"passage {row['id']}: {token_ids.size} token ids, n_tokens says {n}")
         if self.quantize == "none":
             raw = self.packer.unpack(row["codes"], n * self.dims * 2)
-            z = np.frombuffer(raw, dtype=np.float16).reshape(n, self.dims).astype(np.float32)
-        else:
-            raw = self.packer.unpack(row["codes"], n * self.dims)
-            codes = np.frombuffer(raw, dtype=np.int8).reshape(n, self.dims)
-            z = dequantize(codes, np.asarray(row["scales"], dtype=np.float16))
-        return PassageStates(id=row["id"], token_ids=token_ids, states=self.compressor.decompress(z))
+            return EncodedPassage(row["id"], token_ids, np.frombuffer(raw, dtype=np.float16).reshape(n, self.dims),
+                                  None)
+        raw = self.packer.unpack(row["codes"], n * self.dims)
+        return EncodedPassage(row["id"], token_ids, np.frombuffer(raw, dtype=np.int8).reshape(n, self.dims),
+                              np.asarray(row["scales"], dtype=np.float16))
