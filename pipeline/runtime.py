@@ -197,7 +197,10 @@ class DecoupledReader:
                                                                             list[int], int]:
         """Question -> fetch -> decode -> cross: what a serving call costs. Passages absent from the
         store are left out; the order of `passage_ids` is kept."""
-        q_ids = self.question_ids(question)
+        return self.final_states_for_ids(self.question_ids(question), passage_ids)
+
+    def final_states_for_ids(self, q_ids: np.ndarray, passage_ids: list[int]):
+        """`final_states` from question token ids ([CLS] q [SEP])."""
         hq = self.lower_question(q_ids)
         found = self.states.get_encoded(passage_ids)
         encoded = [found[int(i)] for i in passage_ids if int(i) in found]

@@ -157,3 +157,11 @@ def test_answer_refuses_bad_input_in_one_line(demo_store, tmp_path, caplog):
     caplog.clear()
     assert cli(["answer", "--store", str(no_index), "q"]) == 1
     assert "has no DPR index" in caplog.text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_asking_for_a_gpu_that_is_not_there_is_a_usage_error(demo_store):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no GPU"):
+        DecoupledReader(Store(demo_store), RuntimeConfig(device="cuda"))
