@@ -50,7 +50,7 @@ class S3Counter:
         fs.connect()
         events = fs.s3.meta.events
         events.register("before-send.s3", self._sent)
-        events.register("after-call.s3", self._received)
+        events.register("after-call.s3.GetObject", self._received)  # not HeadObject: its ContentLength is the object size
 
     def _sent(self, **_):
         self.requests += 1
@@ -133,6 +133,14 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _without_store(argv: list[str]) -> list[str]:
+    out = list(argv)
+    if "--store" in out:
+        i = out.index("--store")
+        del out[i:i + 2]
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-k", type=int, default=10)
@@ -140,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--row-groups", default="128,32,8", help="row-group sizes to compare (passages)")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--report", action="store_true")
+    p.add_argument("--store", default=None, help="measure this built store (versions 2.. = --row-groups, in order); "
+                   "the build runs the measurement this way, in a fresh process without Ray")
     a = p.parse_args(argv)
     if a.report:
         print(render(json.loads(Path(a.out).read_text())))
@@ -148,9 +158,13 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
     sample_rows()  # the bundled corpus is present (fails early otherwise)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-fetch-"))
     row_groups = [int(x) for x in a.row_groups.split(",")]
-    local, versions = build(tmp, row_groups)
+    if a.store is None:
+        import subprocess
+
+        local, _ = build(Path(tempfile.mkdtemp(prefix="bench-fetch-")), row_groups)
+        return subprocess.call([sys.executable, "-m", "benchmarks.fetch", "--store", local, *(argv or sys.argv[1:])])
+    local, versions = a.store, {rg: 2 + i for i, rg in enumerate(row_groups)}
     import socket
 
     from moto.server import ThreadedMotoServer
@@ -173,7 +187,8 @@ def main(argv=None) -> int:
     finally:
         server.stop()
     data = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "k": a.k, "calls": a.calls,
-            "command": " ".join(["python -m benchmarks.fetch", *(argv if argv is not None else sys.argv[1:])]),
+            "command": " ".join(["python -m benchmarks.fetch",
+                                 *_without_store(argv if argv is not None else sys.argv[1:])]),
             "rows": rows}
     Path(a.out).write_text(json.dumps(data, indent=1))
     print(render(data))

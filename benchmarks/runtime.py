@@ -254,6 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--settings", default="short,long")
     p.add_argument("--ks", default="1,10")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per cell (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     p.add_argument("--workdir", default=None, help="keep models and stores here (reused when present)")
     p.add_argument("--out", default=str(ROWS))
     p.add_argument("--details", default=str(DETAILS))
@@ -271,7 +272,7 @@ def main(argv=None) -> int:
     unknown = set(cfg.geometries) - set(GEOMETRIES) | set(cfg.settings) - set(SETTINGS)
     if unknown:
         p.error(f"unknown geometry or setting: {sorted(unknown)}")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(a.threads or os.cpu_count() or 1)
     tmp = Path(cfg.workdir or tempfile.mkdtemp(prefix="bench-runtime-"))
     tmp.mkdir(parents=True, exist_ok=True)
     rows = sample_rows()
