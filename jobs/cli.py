@@ -511,6 +511,56 @@ def cmd_search(a) -> int:
         _write_npz(a.out, arrays)
     return 0
 
+# ---------------------------------------------------------------- answer (the decoupled reader)
+
+def cmd_answer(a) -> int:
+    from pipeline.runtime import DecoupledReader, RuntimeConfig, check_k, check_question
+    from storage.fs import Store
+
+    question, k = check_question(a.question), check_k(a.k)
+    if len(question) > 10_000:
+        raise ConfigError("the question is longer than 10,000 characters")
+    cfg = RuntimeConfig(model=a.model, version=a.version, device=a.device, nprobe=a.nprobe,
+                        max_answer_tokens=a.max_answer_tokens)
+    reader = DecoupledReader(Store(a.store, _storage_options(a.storage_options)), cfg)
+    ans = reader.answer(question, k)
+    if a.json:
+        print(json.dumps({"version": reader.states.version, "question": ans.question, "passages": [
+            {"id": p.id, "title": p.title, "dpr_score": p.dpr_score, "text": p.text, "tokens": int(p.token_ids.size),
+             "truncated": p.truncated, "span": None if p.span is None else {
+                 "text": p.span.text, "start": p.span.start, "end": p.span.end, "score": p.span.score}}
+            for p in ans.passages], "best": None if ans.best is None else ans.best.id}, indent=1))
+        return 0
+    fp = reader.states.manifest.fingerprint
+    print(f"version {reader.states.version}, {fp['model']} split {reader.model_cfg.layers}-"
+          f"{reader.encoder.total_layers - reader.model_cfg.layers}, top {len(ans.passages)} for {ans.question!r}:")
+    for rank, p in enumerate(ans.passages, 1):
+        span = f'  "{p.span.text}" ({p.span.score:.2f})' if p.span else ""
+        print(f"{rank:3d}. {p.id:>10}  {p.dpr_score:8.4f}  {p.title}{span}")
+    if ans.best is not None:
+        print(f'answer: "{ans.best.span.text}" (passage {ans.best.id}, {ans.best.title})')
+    elif reader.qa_head is None:
+        print("(no QA head in this checkpoint: passages and final states only)")
+    return 0
+
+
+def _add_answer(sub) -> None:
+    an = sub.add_parser("answer", help="the decoupled reader: DPR top-k, stored states, upper layers (and spans)",
+                        description="Runs the question through the input component, fetches the top-k passages' "
+                        "stored states, re-encodes each [question; passage] and runs the upper layers on all k "
+                        "as one batch. With a QA checkpoint it prints the best span per passage and overall.")
+    _add_store(an)
+    an.add_argument("question")
+    an.add_argument("-k", type=int, default=10, help="passages to read (default 10, at most 100)")
+    an.add_argument("--model", default=None, help="the reader checkpoint (default: the model the store was built "
+                    "with; another model's files are refused)")
+    an.add_argument("--version", type=int, default=None, help="store version (default: newest)")
+    an.add_argument("--max-answer-tokens", type=int, default=30, help="longest span in tokens (default 30)")
+    an.add_argument("--nprobe", type=int, default=None)
+    an.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    an.add_argument("--json", action="store_true")
+    an.set_defaults(func=cmd_answer)
+
 
 def _update_config(a) -> RunConfig:
     """The parent version's recorded config, with the new corpus and any flags the user overrides."""
@@ -769,6 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=cmd_search)
+    _add_answer(sub)
 
     up = sub.add_parser("update", help="incremental reindex: encode only new/changed passages, tombstone the rest",
                         description="Diff --corpus against the newest version by content hash, encode only new and "

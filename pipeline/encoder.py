@@ -66,10 +66,12 @@ def _layer_stack(model) -> torch.nn.ModuleList:
 class LayeredEncoder:
     """Embeddings plus the layer stack, callable over any contiguous range of layers."""
 
-    def __init__(self, model_cfg: ModelConfig, device: torch.device, keep_upper: bool = False):
+    def __init__(self, model_cfg: ModelConfig, device: torch.device, keep_upper: bool = False, model=None):
+        """`model`: an already loaded base model (e.g. the encoder inside a QA checkpoint) instead of loading one."""
         self.device = device
         self.dtype = compute_dtype(device)
-        model = AutoModel.from_pretrained(model_cfg.path, revision=model_cfg.revision, dtype=self.dtype)
+        if model is None:
+            model = AutoModel.from_pretrained(model_cfg.path, revision=model_cfg.revision, dtype=self.dtype)
         model.eval().requires_grad_(False)
         layers = _layer_stack(model)
         self.total_layers = len(layers)

@@ -166,6 +166,13 @@ class Store:
     def open(self, rel: str, mode: str = "rb"):
         return self.fs.open(self.full(rel), mode)
 
+    def open_ranges(self, rel: str):
+        """For reads of a few byte ranges (Parquet footers and row groups): no read-ahead on remote
+        stores, where s3fs would otherwise fetch a 50 MB block (the whole shard) for each range."""
+        if self.is_local:
+            return self.open(rel)
+        return self.fs.open(self.full(rel), "rb", cache_type="none")
+
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.full(rel))
 

@@ -104,9 +104,12 @@ def footer_row_count(store: Store, rel_path: str) -> int:
 
 def read_rows(store: Store, rel_path: str, ids: Iterable[int] | None = None,
               columns: list[str] | None = None) -> pa.Table:
-    """Read the rows whose id is in `ids`, touching only row groups whose id range can hold them."""
-    with store.open(rel_path) as fh:
-        pf = pq.ParquetFile(fh)
+    """Read the rows whose id is in `ids`, touching only row groups whose id range can hold them.
+
+    Only those byte ranges are fetched: no read-ahead, and each row group's column chunks are read
+    as one coalesced range (pre_buffer), so a remote lookup costs a request per row group."""
+    with store.open_ranges(rel_path) as fh:
+        pf = pq.ParquetFile(fh, pre_buffer=True)
         if ids is None:
             return pf.read(columns=columns)
         wanted = np.unique(np.fromiter(ids, dtype=np.int64))

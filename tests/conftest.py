@@ -30,14 +30,20 @@ def minilm_path() -> str:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, minilm_path) -> str:
     """A 4-layer, 32-wide random BERT with MiniLM's real tokenizer: fast logic tests only."""
-    import torch
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    out = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
+    return save_tiny_bert(BertModel, tmp_path_factory.mktemp("tiny-bert"), minilm_path, seed=0, max_positions=128)
+
+
+def save_tiny_bert(model_class, out: Path, minilm_path: str, seed: int, max_positions: int) -> str:
+    """A 4-layer, 32-wide random `model_class` (a BERT) saved with MiniLM's tokenizer files."""
+    import torch
+    from transformers import BertConfig
+
+    torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(out)
+                     intermediate_size=64, max_position_embeddings=max_positions)
+    model_class(cfg).save_pretrained(out)
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(Path(minilm_path) / name, out / name)
     return str(out)
