@@ -425,7 +425,7 @@ def cmd_report(a) -> int:
 
     model = _model_cfg(a)
     dims_list = _int_list(a.dims, "--dims") or None
-    bits_list = [float(x) if "." in x else int(x) for x in _number_list(a.bits, "--bits")]
+    bits_list = [int(v) if v == int(v) else v for v in _number_list(a.bits, "--bits")]
     pq_m = _int_list(a.pq_m, "--pq-m")
     variants = tuple(v for v in a.pq_variants.split(",") if v)
     if set(variants) - {"pq", "opq"}:
@@ -669,8 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: k-bit codes + one float16 scale per token (default); none: float16 states")
     g.add_argument("--bits", type=float, default=8, help="bits per code in the int8 container, 2..8; fractional "
                    "values set the level count (5.25 = 37 levels)")
-    g.add_argument("--zstd-level", type=int, default=3, help="zstd level for each passage's frame (default 3; "
-                   "0 = codes stored raw)")
+    g.add_argument("--zstd-level", type=int, default=None, help="zstd level for each passage's frame (0 = codes "
+                   "stored raw; default 3 for linear, 0 for pq, whose codes do not compress)")
     g = r.add_argument_group("DPR retrieval index (same run, same ids)")
     g.add_argument("--dpr-model", default=None, help="passage encoder, e.g. facebook/dpr-ctx_encoder-single-nq-base "
                    "or bundled:all-minilm-l6-v2 (default: no DPR pass)")

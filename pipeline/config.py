@@ -106,13 +106,16 @@ class CompressionConfig:
     bits: float = 8  # linear codec only; may be fractional (5.25 = 37 levels); see `precompute report`
     pq_m: int = 32  # pq codec: sub-quantisers = bytes per token; must divide the stored dims
     opq: bool = False  # pq codec: learn a rotation first (OPQ): better fidelity, slower fit
-    zstd_level: int = 3  # 0 = codes stored without zstd
+    zstd_level: int | None = None  # 0 = codes stored raw; default: 3 for linear, 0 for pq (its codes do not
+    #                                   compress per passage: measured 32.0 -> 32.0 B/token, `precompute report`)
 
     def __post_init__(self):
         _check_choice("quantize", self.quantize)
         _check_choice("codec", self.codec)
         if self.dims is None and self.codec == "linear":
             object.__setattr__(self, "dims", 192)
+        if self.zstd_level is None:
+            object.__setattr__(self, "zstd_level", 3 if self.codec == "linear" else 0)
         if self.dims is not None and self.dims < 1:
             raise ConfigError(f"dims={self.dims} must be positive")
         if not 2 <= self.bits <= 8:

@@ -126,8 +126,8 @@ class DecoupledReader:
         if self.encoder.total_layers <= self.model_cfg.layers:
             raise ConfigError(f"the store's input component is all {self.encoder.total_layers} layers of "
                               f"{self.model_cfg.name}: no cross component is left to run")
-        if self.states.compressor.hidden != self.encoder.hidden:
-            raise ModelMismatch(f"the store's states are {self.states.compressor.hidden} wide, "
+        if self.states.codec.hidden != self.encoder.hidden:
+            raise ModelMismatch(f"the store's states are {self.states.codec.hidden} wide, "
                                 f"{self.model_cfg.name} is {self.encoder.hidden}")
         self.tok = AutoTokenizer.from_pretrained(path, use_fast=True)
         self._reencoding()

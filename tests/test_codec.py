@@ -211,10 +211,13 @@ def test_pq_store_holds_uint8_codes_and_reads_back_what_the_codec_reconstructs(p
         codes, _ = encode(torch.from_numpy(direct[pid]))
         assert (codes.numpy() == enc[pid].codes).mean() > 0.98  # same codes as a direct encode
         np.testing.assert_allclose(got[pid].states, reader.codec.decode(enc[pid].codes), rtol=1e-6)
-    # raw uint8 codes (zstd off unless it pays is the user's call; default level 3 here): Parquet holds no scales
+    # raw uint8 codes (a PQ store's default is no zstd: its codes do not compress), no scales
     from storage.footprint import measure
-    split = measure(store, m).split()
+    assert fp["zstd_level"] == 0
+    footprint = measure(store, m)
+    split = footprint.split()
     assert split["scales"] < 0.01 * split["codes"]
+    assert footprint.raw_codes == footprint.tokens * 16  # exactly M bytes per token, before Parquet's own encoding
 
 
 def test_pq_store_lookup_cli_and_validate_within_two_percent(pq_store, tmp_path, capsys):
