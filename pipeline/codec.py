@@ -196,9 +196,7 @@ class PQCodec(Codec):
     def encoder(self, device, dtype):
         torch = _torch()
         project = self.projection.torch_module(device, torch.float32) if self.projection is not None else None
-        cent, rot, sq = self._tensors(device)
-        # Distances are [tokens, m, 256] floats: chunk tokens to keep that under ~64 MB.
-        chunk = max(1, (16 << 20) // (self.m * cent.shape[1]))
+        cent, rot = self._tensors(device)
 
         def encode(h):
             z = h.float()
@@ -206,13 +204,7 @@ class PQCodec(Codec):
                 z = project(z)
             if rot is not None:
                 z = z @ rot.T
-            out = torch.empty(z.shape[0], self.m, dtype=torch.uint8, device=z.device)
-            for s in range(0, z.shape[0], chunk):
-                r = z[s:s + chunk].view(-1, self.m, self.dsub)
-                # ||r - c||^2 = ||c||^2 - 2 r.c (+ ||r||^2, the same for every centroid)
-                d = sq.unsqueeze(0) - 2 * torch.einsum("nmd,mkd->nmk", r, cent)
-                out[s:s + chunk] = d.argmin(dim=-1).to(torch.uint8)
-            return out, None
+            return _assign(z, cent).to(torch.uint8), None
 
         return encode
 
@@ -221,7 +213,7 @@ class PQCodec(Codec):
             torch = _torch()
             cent = torch.as_tensor(self.centroids, device=device)
             rot = torch.as_tensor(self.rotation, device=device) if self.rotation is not None else None
-            self._torch[device] = (cent, rot, (cent * cent).sum(-1))
+            self._torch[device] = (cent, rot)
         return self._torch[device]
 
     # ---- decode
@@ -233,7 +225,7 @@ class PQCodec(Codec):
 
     def decode_torch(self, codes, scales=None):
         torch = _torch()
-        cent, rot, _ = self._tensors(codes.device)
+        cent, rot = self._tensors(codes.device)
         idx = codes.long()
         z = cent[torch.arange(self.m, device=codes.device), idx].reshape(codes.shape[0], self.dims)
         if rot is not None:
@@ -345,7 +337,8 @@ def _assign(x: "torch.Tensor", cent: "torch.Tensor") -> "torch.Tensor":
     m, k, dsub = cent.shape
     sq = (cent * cent).sum(-1).unsqueeze(1)          # [m, 1, k]
     ct = cent.transpose(1, 2).mul(-2)                  # [m, dsub, k]
-    out = torch.empty(x.shape[0], m, dtype=torch.long)
+    out = torch.empty(x.shape[0], m, dtype=torch.long, device=x.device)
+    # distances are [m, chunk, k] floats: chunks keep them under ~64 MB
     step = max(1, (16 << 20) // (m * k))
     for s in range(0, x.shape[0], step):
         r = x[s:s + step].reshape(-1, m, dsub).transpose(0, 1)   # [m, chunk, dsub]

@@ -163,6 +163,7 @@ def prepare(cfg: RunConfig, store: Store, compressor: tuple[str, str, int], run_
     revision = revision or model_revision(cfg.model)  # hashing a local checkpoint reads every weight file
     comp_rel, comp_sha, _ = compressor
     codec = load_codec(store, comp_rel, comp_sha, cfg.compression)
+    check_compressor(codec, comp_rel, cfg.compression, None)  # an update's flags must match its parent's codec
     fp = fingerprint(cfg.model, revision, cfg.compression, codec.fingerprint_fields(), comp_sha, max_length,
                      SCHEMA_VERSION)
     shares = True

@@ -2,6 +2,7 @@
 
 Unit tests on synthetic states; a PQ store on the sample through run, lookup, update, compact,
 validate (tiny model: logic, not statistics; fidelity figures come from `precompute report`)."""
+import dataclasses
 import json
 import shutil
 import sys
@@ -266,6 +267,12 @@ def test_pq_store_updates_and_compacts(pq_store):
     from pipeline.update import run_update
 
     store = pq_store["store"]
+    versions = mf.list_versions(store)
+    other = dataclasses.replace(_pq_cfg(pq_store["tmp"] / "store", pq_store["b"], pq_store["tiny_model"]),
+                                compression=CompressionConfig(codec="pq", pq_m=8, fit_sample=64))
+    with pytest.raises(ConfigError, match="pass --pq-m 16"):  # another codebook size never extends this version
+        run_update(other)
+    assert mf.list_versions(store) == versions
     summary = run_update(_pq_cfg(pq_store["tmp"] / "store", pq_store["b"], pq_store["tiny_model"], opq=False))
     assert summary.counts == {"new": 5, "changed": 10, "deleted": 5, "unchanged": 585}
     after = mf.load(store)
@@ -280,6 +287,27 @@ def test_pq_store_updates_and_compacts(pq_store):
     assert np.array_equal(compacted.ids(), ids) and mf.load(store).version == after.version + 1
     for pid, s in compacted.get(probe).items():
         assert np.array_equal(s.states, before[pid].states)
+
+
+def test_fit_and_fidelity_cli_and_dry_run_price_a_pq_codec(pq_store, tmp_path, capsys):
+    tiny, corpus = pq_store["tiny_model"], str(pq_store["a"])
+    out = tmp_path / "pq.safetensors"
+    assert cli(["fit-compressor", "--corpus", corpus, "--model", tiny, "--layers", "2", "--codec", "pq", "--pq-m", "8",
+                "--opq", "--sample", "60", "--out", str(out)]) == 0
+    assert "OPQ 32 dims, 8 sub-quantisers" in capsys.readouterr().out
+    assert cli(["fidelity", "--corpus", corpus, "--model", tiny, "--layers", "2", "--compressor", str(out),
+                "--sample", "20", "--json", str(tmp_path / "f.json")]) == 0
+    rows = json.loads((tmp_path / "f.json").read_text())
+    assert len(rows) == 1 and rows[0]["bytes_per_token_raw"] == 8 and 0 < rows[0]["token_cosine"] <= 1
+    plans = {}
+    for codec in (["--codec", "linear", "--dims", "8"], ["--codec", "pq", "--pq-m", "8"]):
+        capsys.readouterr()
+        assert cli(["run", "--store", str(tmp_path / "never"), "--corpus", corpus, "--model", tiny, "--layers", "2",
+                    *codec, "--dry-run", "--json"]) == 0
+        plans[codec[1]] = json.loads(capsys.readouterr().out)
+    assert not (tmp_path / "never").exists()
+    assert "pq codec: 8 x uint8" in plans["pq"]["storage_basis"]
+    assert plans["pq"]["storage_bytes"] < plans["linear"]["storage_bytes"]
 
 
 def test_a_corrupted_codebook_is_refused_by_checksum(pq_store, tmp_path):
