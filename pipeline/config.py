@@ -241,6 +241,14 @@ def run_flags() -> dict[tuple[str, str], str]:
             for name, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _expected_type(f: dataclasses.Field) -> type | None:
+    """The scalar type a job-file value must have: the annotation's first alternative (`int | None` -> int)."""
+    return _SCALARS.get(str(f.type).split("|")[0].strip())
+
+
 def run_config_from_dict(body: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from a job file's mapping; unknown or mistyped keys are named."""
     if not isinstance(body, dict):
@@ -263,13 +271,12 @@ def run_config_from_dict(body: dict[str, Any]) -> RunConfig:
         for key, value in raw.items():
             if key not in fields:
                 raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(fields)})")
-            default = fields[key].default
-            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
-            if default is not None and default is not dataclasses.MISSING and value is not None \
-                    and not isinstance(value, type(default)) \
-                    and not (numeric and isinstance(value, (int, float)) and not isinstance(value, bool)
-                             and (isinstance(default, float) or key == "bits")):
-                raise ConfigError(f"{name}.{key}: expected {type(default).__name__}, got {value!r}")
+            expected = _expected_type(fields[key])
+            if expected is None or value is None:
+                continue
+            numeric_ok = expected is float and isinstance(value, int) and not isinstance(value, bool)
+            if (not isinstance(value, expected) or (expected is int and isinstance(value, bool))) and not numeric_ok:
+                raise ConfigError(f"{name}.{key}: expected {expected.__name__}, got {value!r}")
         try:
             sections[name] = cls(**raw)
         except TypeError as exc:

@@ -126,15 +126,21 @@ def test_validate_measured_bytes_within_two_percent_of_the_estimate(sample_store
 def test_report_rate_distortion_on_real_weights(tmp_path, sample_tsv, capsys):
     out = tmp_path / "rep"
     assert cli(["report", "--corpus", str(sample_tsv), "--layers", "3", "--dims", "96", "--bits", "5,8,16",
-                "--fit-sample", "120", "--sample", "30", "--out-dir", str(out)]) == 0
+                "--fit-sample", "120", "--sample", "30", "--pq-m", "16,48", "--out-dir", str(out)]) == 0
     points = json.load(open(out / "rate_distortion.json"))
-    by = {(p["bits"], p["storage"]): p for p in points}
+    by = {(p["bits"], p["storage"]): p for p in points if p["family"] == "linear"}
+    opq = {(p["pq_m"], p["storage"]): p for p in points if p["family"] == "opq"}
+    assert set(opq) == {(16, "raw"), (48, "raw"), (16, "zstd"), (48, "zstd")}
+    assert opq[(16, "raw")]["bytes_per_token"] == 16 and opq[(48, "raw")]["bytes_per_token"] == 48
+    assert opq[(16, "raw")]["token_cosine"] < opq[(48, "raw")]["token_cosine"]  # more sub-quantisers, more fidelity
+    assert (5.25, "int8+zstd") in by  # the reference setting is always measured
     assert by[(16, "fp16+zstd")]["delta_vs_unquantised"] == 0
     assert by[(8, "int8+zstd")]["bytes_per_token"] < by[(16, "fp16+zstd")]["bytes_per_token"] / 1.8
     assert by[(5, "int8+zstd")]["bytes_per_token"] < by[(8, "int8+zstd")]["bytes_per_token"]
     assert 0 <= by[(8, "int8+zstd")]["delta_vs_unquantised"] < by[(5, "int8+zstd")]["delta_vs_unquantised"]
     assert (out / "rate_distortion.png").stat().st_size > 10_000
-    assert "Cheapest storage within 0.002" in (out / "rate_distortion.md").read_text()
+    text = (out / "rate_distortion.md").read_text()
+    assert "Cheapest linear storage within 0.002" in text and "## Against the reference: PCA-96 5.25-bit" in text
 
 
 # ---------------------------------------------------------------- DPR index (issue: retrieval)
