@@ -1,4 +1,5 @@
-"""State codecs: how a token state becomes stored codes and back, behind one interface.
+"""State codecs: how a token state becomes stored codes and back, behind one interface (training a
+PQ codebook lives in `pipeline/pqfit.py`).
 
 The encoder, the reader, the fidelity report, estimate and validate only ever talk to a `Codec`,
 so a new scheme is a new class here, never a branch elsewhere. Two exist:
@@ -24,14 +25,11 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from pipeline.compress import Compressor, CompressorError, PcaAccumulator, canonical_safetensors
+from pipeline.compress import Compressor, CompressorError, canonical_safetensors
 from pipeline.quantize import dequantize
 
 if TYPE_CHECKING:
     import torch
-
-CODEC_KINDS = ("linear", "pq")
-
 
 @dataclass(frozen=True)
 class CodeLayout:
@@ -156,7 +154,7 @@ class LinearCodec(Codec):
 
 # ---------------------------------------------------------------- product quantisation
 
-_PQ_BITS = 8  # 256 centroids per sub-space: one uint8 per sub-quantiser
+PQ_BITS = 8  # 256 centroids per sub-space: one uint8 per sub-quantiser
 
 
 @dataclass
@@ -184,13 +182,13 @@ class PQCodec(Codec):
         return CodeLayout("uint8", pq_m, scaled=False)
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        return {"codec": "pq", "dims": self.dims, "quantize": "pq", "bits": _PQ_BITS, "pq_m": self.m,
+        return {"codec": "pq", "dims": self.dims, "quantize": "pq", "bits": PQ_BITS, "pq_m": self.m,
                 "opq": self.rotation is not None}
 
     def describe(self) -> str:
         proj = f"projected to {self.dims}, " if self.projection is not None else ""
         return (f"{'OPQ' if self.rotation is not None else 'PQ'} {self.hidden} dims, {proj}{self.m} sub-quantisers "
-                f"x {_PQ_BITS} bits ({self.m} B/token)")
+                f"x {PQ_BITS} bits ({self.m} B/token)")
 
     # ---- encode (torch, on the device)
     def encoder(self, device, dtype):
@@ -204,7 +202,7 @@ class PQCodec(Codec):
                 z = project(z)
             if rot is not None:
                 z = z @ rot.T
-            return _assign(z, cent).to(torch.uint8), None
+            return nearest_centroids(z, cent).to(torch.uint8), None
 
         return encode
 
@@ -245,7 +243,7 @@ class PQCodec(Codec):
             p = self.projection
             tensors.update({"compress.weight": p.compress_weight, "compress.bias": p.compress_bias,
                             "decompress.weight": p.decompress_weight, "decompress.bias": p.decompress_bias})
-        md = {**self.metadata, "codec": "pq", "pq_m": str(self.m), "pq_bits": str(_PQ_BITS),
+        md = {**self.metadata, "codec": "pq", "pq_m": str(self.m), "pq_bits": str(PQ_BITS),
               "opq": str(self.rotation is not None).lower(), "dims": str(self.dims), "hidden": str(self.hidden)}
         return canonical_safetensors(st_save(tensors, metadata=md))
 
@@ -253,7 +251,7 @@ class PQCodec(Codec):
     def from_bytes(cls, data: bytes, where: str = "codec") -> "PQCodec":
         tensors, md = _load_safetensors(data, where)
         cent = tensors.get("pq.centroids")
-        if cent is None or cent.ndim != 3 or cent.shape[1] != 2 ** _PQ_BITS or cent.shape[0] < 1 or cent.shape[2] < 1:
+        if cent is None or cent.ndim != 3 or cent.shape[1] != 2 ** PQ_BITS or cent.shape[0] < 1 or cent.shape[2] < 1:
             raise CompressorError(f"{where}: a pq codec needs pq.centroids of shape [m, 256, dsub]; found "
                                   f"{None if cent is None else cent.shape}")
         dims = cent.shape[0] * cent.shape[2]
@@ -273,64 +271,7 @@ class PQCodec(Codec):
                    proj, {k: v for k, v in md.items() if k not in ("codec", "pq_m", "pq_bits", "opq", "dims", "hidden")})
 
 
-@dataclass(frozen=True)
-class PQFit:
-    """How a PQ codec is trained: sub-quantisers, OPQ rotation, projection, k-means effort."""
-    m: int
-    opq: bool = False
-    dims: int | None = None       # project to this many dims first (PCA); None = the raw states
-    opq_iterations: int = 10      # rotation <-> codebook alternations (OPQ, Ge et al. 2013, non-parametric)
-    kmeans_iterations: int = 16   # Lloyd iterations of the final codebooks
-    max_tokens: int = 65_536      # 256 per centroid; more only costs time
-    seed: int = 1234
-
-
-def fit_pq(states: np.ndarray, fit: PQFit, metadata: dict[str, str] | None = None) -> PQCodec:
-    """(PCA to `dims`) -> (OPQ rotation) -> per-sub-space k-means, all sub-spaces batched in torch.
-
-    faiss's OPQMatrix runs one k-means per sub-space per iteration: its overhead took 623 s for m=96 on
-    30k MiniLM tokens here; batched over sub-spaces the same work is a few seconds."""
-    import torch
-
-    x = np.ascontiguousarray(states, np.float32)
-    hidden = x.shape[1]
-    projection = None
-    if fit.dims is not None and fit.dims < hidden:
-        acc = PcaAccumulator(hidden)
-        acc.update(x)
-        projection = acc.finish(fit.dims)
-        x = projection.compress(x)
-    d = x.shape[1]
-    if fit.m < 1 or d % fit.m:
-        raise CompressorError(f"--pq-m {fit.m}: the {d} stored dims must split into equal sub-spaces "
-                              f"(a divisor of {d})")
-    k = 2 ** _PQ_BITS
-    if x.shape[0] < k:
-        raise CompressorError(f"a PQ codec needs at least {k} token states to train; the fit sample gave "
-                              f"{x.shape[0]}: raise --fit-sample")
-    gen = torch.Generator().manual_seed(fit.seed)
-    if x.shape[0] > fit.max_tokens:
-        x = x[np.sort(torch.randperm(x.shape[0], generator=gen)[:fit.max_tokens].numpy())]
-    xt = torch.from_numpy(x)
-    cent = xt[torch.randperm(xt.shape[0], generator=gen)[:k]].view(k, fit.m, d // fit.m).transpose(0, 1).contiguous()
-    rotation = None
-    if fit.opq:
-        rot = torch.eye(d)
-        for _ in range(fit.opq_iterations):
-            xr = xt @ rot.T
-            cent, codes = _kmeans(xr, cent, 2, gen)
-            y = _gather(cent, codes)
-            u, _, vh = torch.linalg.svd(xt.T @ y)   # Procrustes: the rotation taking x closest to y
-            rot = (u @ vh).T
-        rotation = np.ascontiguousarray(rot.numpy(), dtype=np.float32)
-        xt = xt @ rot.T
-    cent, _ = _kmeans(xt, cent, fit.kmeans_iterations, gen)
-    md = dict(metadata or {})
-    md.update({"tokens": str(states.shape[0]), "trained_on": str(xt.shape[0]), "seed": str(fit.seed)})
-    return PQCodec(np.ascontiguousarray(cent.numpy(), np.float32), rotation, projection, md)
-
-
-def _assign(x: "torch.Tensor", cent: "torch.Tensor") -> "torch.Tensor":
+def nearest_centroids(x: "torch.Tensor", cent: "torch.Tensor") -> "torch.Tensor":
     """Nearest centroid per sub-space: [n, m] indices; ||r - c||^2 ranks as ||c||^2 - 2 r.c."""
     import torch
 
@@ -344,36 +285,6 @@ def _assign(x: "torch.Tensor", cent: "torch.Tensor") -> "torch.Tensor":
         r = x[s:s + step].reshape(-1, m, dsub).transpose(0, 1)   # [m, chunk, dsub]
         out[s:s + step] = torch.baddbmm(sq, r, ct).argmin(-1).T
     return out
-
-
-def _gather(cent: "torch.Tensor", codes: "torch.Tensor") -> "torch.Tensor":
-    import torch
-
-    m = cent.shape[0]
-    return cent[torch.arange(m), codes].reshape(codes.shape[0], -1)
-
-
-def _kmeans(x: "torch.Tensor", cent: "torch.Tensor", iterations: int, gen) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Lloyd's algorithm on every sub-space at once; an emptied centroid restarts on a random point."""
-    import torch
-
-    m, k, dsub = cent.shape
-    xs = x.reshape(-1, m, dsub)
-    offsets = (torch.arange(m) * k).unsqueeze(0)
-    codes = _assign(x, cent)
-    for _ in range(iterations):
-        flat = (codes + offsets).reshape(-1)
-        sums = torch.zeros(m * k, dsub).index_add_(0, flat, xs.reshape(-1, dsub))
-        counts = torch.bincount(flat, minlength=m * k).to(sums.dtype)
-        new = sums / counts.clamp(min=1).unsqueeze(-1)
-        empty = counts == 0
-        if empty.any():
-            picks = torch.randint(0, xs.shape[0], (int(empty.sum()),), generator=gen)
-            sub = torch.nonzero(empty).squeeze(-1) // k
-            new[empty] = xs[picks, sub]
-        cent = new.view(m, k, dsub)
-        codes = _assign(x, cent)
-    return cent, codes
 
 
 # ---------------------------------------------------------------- loading

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.codec import Codec, PQFit, fit_pq
+from pipeline.codec import Codec
+from pipeline.pqfit import PQFit, fit_pq
 from pipeline.compress import Compressor, PcaAccumulator
 from pipeline.config import CompressionConfig, ConfigError, ModelConfig
 from pipeline.corpus import Corpus

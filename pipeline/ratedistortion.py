@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import zstandard
 
-from pipeline.codec import Codec, LinearCodec, PQFit, fit_pq
+from pipeline.codec import Codec, LinearCodec
+from pipeline.pqfit import PQFit, fit_pq
 from pipeline.compress import PcaAccumulator
 from pipeline.config import ModelConfig
 from pipeline.encoder import LayeredEncoder, pad_batch, token_budget_batches

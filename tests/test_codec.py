@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from jobs.cli import main as cli
-from pipeline.codec import (CODECS, CodeLayout, LinearCodec, PQCodec, PQFit, codec_for_store, codec_from_bytes,
-                            fit_pq, planned_layout)
+from pipeline.codec import CODECS, CodeLayout, LinearCodec, PQCodec, codec_for_store, codec_from_bytes, planned_layout
 from pipeline.compress import CompressorError, PcaAccumulator
 from pipeline.config import CompressionConfig, ConfigError, CorpusConfig, ExecutionConfig, ModelConfig, RunConfig
+from pipeline.pqfit import PQFit, fit_pq
 from pipeline.reader import StateReader
 from pipeline.run import run
 from storage import manifest as mf
