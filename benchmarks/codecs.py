@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import BUNDLED_CORPUS, BUNDLED_MODEL, CompressionConfig, CorpusConfig, ModelConfig, RunConfig
+from benchmarks.proc import start_benchmark
 
 log = logging.getLogger("benchmark")
 
@@ -125,8 +126,7 @@ def main(argv=None) -> int:
     if a.report:
         print(render(json.loads(Path(a.out).read_text())))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    start_benchmark()
     tmp = Path(tempfile.mkdtemp(prefix="bench-codecs-"))
     settings = {"linear": CompressionConfig(dims=a.dims, bits=a.bits),
                 "pq": CompressionConfig(codec="pq", pq_m=a.pq_m, opq=not a.no_opq, zstd_level=a.pq_zstd_level)}

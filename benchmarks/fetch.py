@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.proc import start_benchmark
 from benchmarks.runtime import sample_rows
 from pipeline.config import BUNDLED_CORPUS, BUNDLED_MODEL, CompressionConfig, CorpusConfig, ModelConfig, RunConfig
 from pipeline.reader import StateReader
@@ -154,9 +155,7 @@ def main(argv=None) -> int:
     if a.report:
         print(render(json.loads(Path(a.out).read_text())))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    start_benchmark()
     sample_rows()  # the bundled corpus is present (fails early otherwise)
     row_groups = [int(x) for x in a.row_groups.split(",")]
     if a.store is None:

@@ -1,6 +1,8 @@
 """Process measurements shared by the benchmarks."""
 from __future__ import annotations
 
+import logging
+import os
 import resource
 
 
@@ -57,3 +59,11 @@ def render_tables(data: dict, columns: list[str], rows) -> str:
             lines += ["| " + " | ".join(cells) + " |" for cells in rows(int(n), r)]
         lines.append("")
     return "\n".join(lines)
+
+
+def start_benchmark() -> None:
+    """What every benchmark process sets first: timed INFO logs, a local Ray without token auth, and no
+    cloud-metadata probe from boto's credential chain (traffic stays on loopback)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"

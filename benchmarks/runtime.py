@@ -32,6 +32,7 @@ import torch
 from pipeline.config import BUNDLED_CORPUS, BUNDLED_MODEL, CompressionConfig, CorpusConfig, ModelConfig, RunConfig, \
     resolve_corpus, resolve_model
 from pipeline.runtime import DecoupledReader, RuntimeConfig
+from benchmarks.proc import start_benchmark
 from storage.fs import Store
 
 log = logging.getLogger("benchmark")
@@ -264,9 +265,7 @@ def main(argv=None) -> int:
         details = json.loads(Path(a.details).read_text()) if Path(a.details).exists() else {}
         print(render(json.loads(Path(a.out).read_text()), details))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    start_benchmark()
     cfg = BenchConfig(geometries=tuple(a.geometries.split(",")), settings=tuple(a.settings.split(",")),
                       ks=tuple(int(k) for k in a.ks.split(",")), rounds=a.rounds, workdir=a.workdir)
     unknown = set(cfg.geometries) - set(GEOMETRIES) | set(cfg.settings) - set(SETTINGS)

@@ -30,6 +30,7 @@ from pipeline.config import (BUNDLED_MODEL, CompressionConfig, CorpusConfig, Exe
 from pipeline.corpus import Corpus
 from pipeline.encoder import ShardEncoder, compute_dtype, pick_device
 from pipeline.tokenize import PairTokenizer
+from benchmarks.proc import start_benchmark
 
 log = logging.getLogger("benchmark")
 
@@ -180,8 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--opq", action="store_true", help="with --pq-m: an OPQ rotation first")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    start_benchmark()
     device = pick_device("auto")
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)

@@ -15,7 +15,6 @@ so a different codebook is a different fingerprint. Readers decode with numpy an
 """
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -25,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from pipeline.compress import Compressor, CompressorError, canonical_safetensors
+from pipeline.compress import Compressor, CompressorError, canonical_safetensors, safetensors_metadata
 from pipeline.quantize import dequantize
 
 if TYPE_CHECKING:
@@ -194,7 +193,7 @@ class PQCodec(Codec):
     def encoder(self, device, dtype):
         torch = _torch()
         project = self.projection.torch_module(device, torch.float32) if self.projection is not None else None
-        cent, rot = self._tensors(device)
+        cent, rot, _ = self._tensors(device)
 
         def encode(h):
             z = h.float()
@@ -211,7 +210,12 @@ class PQCodec(Codec):
             torch = _torch()
             cent = torch.as_tensor(self.centroids, device=device)
             rot = torch.as_tensor(self.rotation, device=device) if self.rotation is not None else None
-            self._torch[device] = (cent, rot)
+            back = None
+            if self.projection is not None:
+                p = self.projection
+                back = (torch.as_tensor(p.decompress_weight, device=device),
+                        torch.as_tensor(p.decompress_bias, device=device))
+            self._torch[device] = (cent, rot, back)
         return self._torch[device]
 
     # ---- decode
@@ -223,16 +227,11 @@ class PQCodec(Codec):
 
     def decode_torch(self, codes, scales=None):
         torch = _torch()
-        cent, rot = self._tensors(codes.device)
-        idx = codes.long()
-        z = cent[torch.arange(self.m, device=codes.device), idx].reshape(codes.shape[0], self.dims)
+        cent, rot, back = self._tensors(codes.device)
+        z = cent[torch.arange(self.m, device=codes.device), codes.long()].reshape(codes.shape[0], self.dims)
         if rot is not None:
             z = z @ rot
-        if self.projection is not None:
-            p = self.projection
-            z = torch.nn.functional.linear(z, torch.as_tensor(p.decompress_weight, device=z.device),
-                                           torch.as_tensor(p.decompress_bias, device=z.device))
-        return z
+        return torch.nn.functional.linear(z, *back) if back is not None else z
 
     # ---- serialisation
     def to_bytes(self) -> bytes:
@@ -292,8 +291,7 @@ def nearest_centroids(x: "torch.Tensor", cent: "torch.Tensor") -> "torch.Tensor"
 def _load_safetensors(data: bytes, where: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     try:
         tensors = st_load(data)
-        n = int.from_bytes(data[:8], "little")
-        md = dict(json.loads(data[8:8 + n]).get("__metadata__") or {})
+        md = safetensors_metadata(data)
     except (SafetensorError, ValueError, OSError) as exc:
         raise CompressorError(f"{where}: not a safetensors file ({exc})") from exc
     return tensors, md

@@ -87,7 +87,7 @@ class Compressor:
             tensors = st_load(data)
         except (SafetensorError, ValueError, OSError) as exc:
             raise CompressorError(f"{where}: not a safetensors file ({exc})") from exc
-        metadata = _safetensors_metadata(data)
+        metadata = safetensors_metadata(data)
         if "compress.weight" in tensors:
             cw = tensors["compress.weight"]
             dw = tensors.get("decompress.weight")
@@ -121,7 +121,8 @@ def canonical_safetensors(data: bytes) -> bytes:
     return data[:8] + header + b" " * (n - len(header)) + data[8 + n:]
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The file's `__metadata__` (string pairs) from its JSON header."""
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     return dict(header.get("__metadata__") or {})

@@ -49,7 +49,7 @@ def fit_pq(states: np.ndarray, fit: PQFit, metadata: dict[str, str] | None = Non
     k = 2 ** PQ_BITS
     if x.shape[0] < k:
         raise CompressorError(f"a PQ codec needs at least {k} token states to train; the fit sample gave "
-                              f"{x.shape[0]}: raise --fit-sample")
+                              f"{x.shape[0]}: sample more passages (--fit-sample on run, --sample on fit-compressor)")
     gen = torch.Generator().manual_seed(fit.seed)
     if x.shape[0] > fit.max_tokens:
         x = x[np.sort(torch.randperm(x.shape[0], generator=gen)[:fit.max_tokens].numpy())]
