@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from pipeline.codec import Codec
-from pipeline.pqfit import PQFit, fit_pq
 from pipeline.compress import Compressor, PcaAccumulator
 from pipeline.config import CompressionConfig, ConfigError, ModelConfig
 from pipeline.corpus import Corpus
 from pipeline.encoder import LayeredEncoder, pad_batch, token_budget_batches
+from pipeline.pqfit import PQFit, fit_pq
 from pipeline.sample import held_out, random_rows, rows_at
 from pipeline.tokenize import PairTokenizer, model_max_length
 
