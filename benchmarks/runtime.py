@@ -2,6 +2,8 @@
 
     python -m benchmarks.runtime                      # CPU: MiniLM 3-3 (real weights), BERT-base 5-7 (random)
     python -m benchmarks.runtime --report             # the markdown table from reports/runtime_cpu.json
+    python -m benchmarks.runtime --device cuda --geometries bert-base-5-7 \
+        --out reports/runtime_gpu.json --details reports/runtime_gpu_details.json   # GPU columns (bf16)
 
 In the same process, on the same questions and passages, alternating in each round:
   (a) standard: [CLS] q [SEP] p [SEP] for each of K passages, one batch, all layers;
@@ -20,7 +22,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ import torch
 from pipeline.config import BUNDLED_CORPUS, BUNDLED_MODEL, CompressionConfig, CorpusConfig, ModelConfig, RunConfig, \
     resolve_corpus, resolve_model
 from pipeline.runtime import DecoupledReader, RuntimeConfig
+from benchmarks.geometry import bert_base_checkpoint
 from benchmarks.proc import start_benchmark
 from storage.fs import Store
 
@@ -63,21 +65,14 @@ class BenchConfig:
     rounds: int = 5
     passages: int = 20
     workdir: str | None = None
+    device: str = "cpu"
+    vocab_from: str | None = None  # tokenizer folder for the random BERT-base (default: bundled, else .gpucarry)
 
 
-def model_path(g: Geometry, tmp: Path) -> str:
+def model_path(g: Geometry, tmp: Path, vocab_from: str | None = None) -> str:
     if not g.bert_base:
         return resolve_model(BUNDLED_MODEL)
-    from transformers import BertConfig, BertModel
-
-    out = tmp / "bert-base"
-    if not out.exists():
-        torch.manual_seed(0)
-        BertModel(BertConfig()).save_pretrained(out)  # 768 hidden, 12 layers, 3072 FFN: random weights
-        src = Path(resolve_model(BUNDLED_MODEL))
-        for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            shutil.copy(src / f, out / f)
-    return str(out)
+    return bert_base_checkpoint(tmp / "bert-base", vocab_from)
 
 
 def sample_rows() -> list[tuple[int, str, str]]:
@@ -138,13 +133,15 @@ class Variants:
     def __init__(self, reader: DecoupledReader, ids: list[int]):
         self.r = reader
         enc = reader.encoder
+        self.device = reader.device
         stored = reader.states.get_encoded(ids)
         self.tokens = {i: stored[i].token_ids for i in ids}
         self.types = {i: _types_of(t, reader.tok.sep_token_id) for i, t in self.tokens.items()}
         self.memory = {}  # (b): the input component's float32 output, uncompressed
         for i in ids:
-            t = torch.as_tensor(self.tokens[i])[None]
-            self.memory[i] = enc.embed_and_lower(t, torch.as_tensor(self.types[i])[None], torch.ones_like(t))[0]
+            t = torch.as_tensor(self.tokens[i], device=self.device)[None]
+            types = torch.as_tensor(self.types[i], device=self.device)[None]
+            self.memory[i] = enc.embed_and_lower(t, types, torch.ones_like(t))[0]
         self.phases: dict[str, list[float]] = {"fetch_ms": [], "decode_ms": [], "cross_ms": []}
 
     @torch.inference_mode()
@@ -158,6 +155,7 @@ class Variants:
         tt, am = torch.zeros_like(x), torch.zeros_like(x)
         for row, (s, t) in enumerate(zip(seqs, types)):
             x[row, :s.size], tt[row, :s.size], am[row, :s.size] = torch.as_tensor(s), torch.as_tensor(t), 1
+        x, tt, am = (t.to(self.device) for t in (x, tt, am))
         h = enc.embeddings(input_ids=x, token_type_ids=tt)
         return enc.run_layers(h, am, 0, enc.total_layers)
 
@@ -183,15 +181,16 @@ class Variants:
 def _cosines(a: torch.Tensor, b: torch.Tensor, lengths: list[int]) -> np.ndarray:
     """Per-token cosine of two [K, L, hidden] final-state batches over each row's real tokens."""
     a, b = a.float(), b.float()
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).cpu()
     return np.concatenate([cos[i, :n].numpy() for i, n in enumerate(lengths)])
 
 
 def measure(cfg: BenchConfig, g: Geometry, setting: str, rows, tmp: Path) -> tuple[list[dict], dict]:
-    path = model_path(g, tmp)
+    path = model_path(g, tmp, cfg.vocab_from)
     store = build_store(path, g, setting, rows, cfg.passages, tmp)
     nq, np_ = SETTINGS[setting]
-    reader = DecoupledReader(Store(store), RuntimeConfig(device="cpu", max_question_tokens=nq))
+    reader = DecoupledReader(Store(store), RuntimeConfig(device=cfg.device, max_question_tokens=nq))
+    sync = torch.cuda.synchronize if reader.device.type == "cuda" else (lambda: None)
     ids = sorted(int(i) for i in reader.states.ids())
     v = Variants(reader, ids)
     if {t.size for t in v.tokens.values()} != {np_}:
@@ -210,15 +209,18 @@ def measure(cfg: BenchConfig, g: Geometry, setting: str, rows, tmp: Path) -> tup
             order = list(calls)[r % 3:] + list(calls)[:r % 3]  # rotate who goes first
             outs = {}
             for name in order:
+                sync()
                 t0 = time.perf_counter()
                 outs[name] = calls[name](qs[r], picks[r])
+                sync()
                 times[name].append((time.perf_counter() - t0) * 1e3)
             lengths = [nq + np_] * k
             cos.append(_cosines(outs["decoupled+compressed"], outs["decoupled"], lengths))
         std = float(np.median(times["standard"]))
         for name, ts in times.items():
             ms = float(np.median(ts))
-            out_rows.append({"geometry": g.label, "setting": setting, "k": k, "variant": name, "ms": round(ms, 2),
+            out_rows.append({"geometry": g.label, "setting": setting, "k": k, "variant": name,
+                             "device": reader.device.type, "ms": round(ms, 2),
                              "reduction": round(1 - ms / std, 4)})
         c = np.concatenate(cos)
         detail[f"k={k}"] = {"rounds_ms": times, "final_token_cosine_mean": float(c.mean()),
@@ -235,7 +237,7 @@ def measure(cfg: BenchConfig, g: Geometry, setting: str, rows, tmp: Path) -> tup
 def render(rows: list[dict], details: dict) -> str:
     by = {(r["geometry"], r["setting"], r["k"], r["variant"]): r for r in rows}
     lines = ["| geometry | setting (q + p tokens) | K | standard ms | decoupled ms (reduction) | "
-             "decoupled + compressed ms (reduction) | final-token cosine, compressed vs not | paper CPU: decoupled / 4x |",
+             "decoupled + compressed ms (reduction) | final-token cosine, compressed vs not | paper (same device kind): decoupled / 4x |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for (geo, setting, k, variant), r in by.items():
         if variant != "standard":
@@ -243,7 +245,9 @@ def render(rows: list[dict], details: dict) -> str:
         d, c = by[(geo, setting, k, "decoupled")], by[(geo, setting, k, "decoupled+compressed")]
         cos = details.get("runs", {}).get(f"{geo}/{setting}", {}).get(f"k={k}", {}).get("final_token_cosine_mean")
         q, p = SETTINGS[setting]
-        paper = f"{PAPER['cpu'][0]} / {PAPER['cpu'][1]}" if geo.startswith("bert-base") else "(BERT-base only)"
+        kind = "gpu" if r.get("device") == "cuda" else "cpu"
+        ref = PAPER[kind] if kind == "cpu" else tuple(f"{x:.0%}" for x in PAPER["gpu"])
+        paper = f"{ref[0]} / {ref[1]}" if geo.startswith("bert-base") else "(BERT-base only)"
         lines.append(f"| {geo} | {setting} ({q} + {p}) | {k} | {r['ms']:,.1f} | {d['ms']:,.1f} ({d['reduction']:.0%}) | "
                      f"{c['ms']:,.1f} ({c['reduction']:.0%}) | {'' if cos is None else f'{cos:.4f}'} | {paper} |")
     return "\n".join(lines)
@@ -256,6 +260,10 @@ def main(argv=None) -> int:
     p.add_argument("--ks", default="1,10")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per cell (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="where the reader runs (default cpu; cuda: bf16, the paper's GPU columns)")
+    p.add_argument("--vocab-from", default=None, help="tokenizer folder for the random BERT-base "
+                   "(default: the bundled MiniLM, else .gpucarry/minilm-no-weights)")
     p.add_argument("--workdir", default=None, help="keep models and stores here (reused when present)")
     p.add_argument("--out", default=str(ROWS))
     p.add_argument("--details", default=str(DETAILS))
@@ -267,7 +275,8 @@ def main(argv=None) -> int:
         return 0
     start_benchmark()
     cfg = BenchConfig(geometries=tuple(a.geometries.split(",")), settings=tuple(a.settings.split(",")),
-                      ks=tuple(int(k) for k in a.ks.split(",")), rounds=a.rounds, workdir=a.workdir)
+                      ks=tuple(int(k) for k in a.ks.split(",")), rounds=a.rounds, workdir=a.workdir,
+                      device=a.device, vocab_from=a.vocab_from)
     unknown = set(cfg.geometries) - set(GEOMETRIES) | set(cfg.settings) - set(SETTINGS)
     if unknown:
         p.error(f"unknown geometry or setting: {sorted(unknown)}")
@@ -282,7 +291,8 @@ def main(argv=None) -> int:
         "rounds": cfg.rounds, "runs": {}}
     for name in cfg.geometries:  # every store first, then Ray stops: its idle workers stay out of the timings
         for setting in cfg.settings:
-            build_store(model_path(GEOMETRIES[name], tmp), GEOMETRIES[name], setting, rows, cfg.passages, tmp)
+            build_store(model_path(GEOMETRIES[name], tmp, cfg.vocab_from), GEOMETRIES[name], setting, rows,
+                        cfg.passages, tmp)
     import ray
 
     if ray.is_initialized():

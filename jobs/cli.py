@@ -703,6 +703,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs each encoder actor declares to Ray (default 1)")
     g.add_argument("--torch-threads", type=int, default=None,
                    help="threads of a CPU encoder (default: the node's cores / encoders)")
+    g.add_argument("--attention", default=ExecutionConfig.attention, choices=["auto", "mask", "packed"],
+                   help="packed: unpadded batches, varlen flash attention on CUDA (padded attention elsewhere); "
+                        "mask: the model's own layers on padded batches (default auto: packed for BERT/ELECTRA)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the packed layers (a one-off compile per encoder actor; see BENCHMARKS.md)")
     g.add_argument("--summary-json", default=None, help="also write the run summary here")
     _add_plan(r)
     r.set_defaults(func=cmd_run)

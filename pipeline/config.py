@@ -23,6 +23,7 @@ _CHOICES = {
     "quantize": ("int8", "none"),
     "codec": ("linear", "pq"),
     "device": ("auto", "cpu", "cuda"),
+    "attention": ("auto", "mask", "packed"),
 }
 
 
@@ -139,9 +140,14 @@ class ExecutionConfig:
     task_cpus: float = 0.5  # CPUs declared by tokenise/write tasks (fractional: see DESIGN.md)
     encoder_cpus: float = 1.0
     torch_threads: int | None = None  # CPU encoders: default = node cores / encoders (Ray would force 1)
+    attention: str = "auto"  # packed (unpadded; varlen flash attention on CUDA) or mask; auto: packed if the model allows
+    compile: bool = False  # torch.compile the packed layers' dense parts (one compile per encoder actor)
 
     def __post_init__(self):
         _check_choice("device", self.device)
+        _check_choice("attention", self.attention)
+        if self.compile and self.attention == "mask":
+            raise ConfigError("compile=true needs attention=packed or auto (it compiles the packed layers)")
         if (self.shard_size is not None and self.shard_size < 1) or (self.token_budget is not None and self.token_budget < 1) or self.row_group_size < 1:
             raise ConfigError("shard_size, token_budget and row_group_size must be positive")
         for key in ("num_encoders", "torch_threads"):

@@ -5,6 +5,7 @@ Only d-dimensional codes leave the device: projection and quantisation happen ne
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,8 @@ from transformers import AutoModel
 
 from pipeline.codec import Codec
 from pipeline.config import ConfigError, ModelConfig
+from pipeline.packed import (ATTENTION_CHOICES, PackedBatch, PackedLowerLayers, packed_unsupported, token_index,
+                             varlen_available)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,10 @@ class LayeredEncoder:
         keep = self.total_layers if keep_upper else self.n_lower
         self.layers = torch.nn.ModuleList(list(layers)[:keep]).to(device)
         self.embeddings = model.embeddings.to(device)
+        # ELECTRA with embedding_size != hidden_size maps embeddings up before the first layer.
+        project = getattr(model, "embeddings_project", None)
+        self.embeddings_project = project.to(device) if project is not None else None
+        self.packed_unsupported = packed_unsupported(model)
         self.hidden = int(model.config.hidden_size)
         self.vocab_size = int(model.config.vocab_size)
         self.type_vocab_size = int(getattr(model.config, "type_vocab_size", 1) or 1)
@@ -97,6 +104,8 @@ class LayeredEncoder:
         if self.type_vocab_size > 1:
             kwargs["token_type_ids"] = token_type_ids
         h = self.embeddings(**kwargs)
+        if self.embeddings_project is not None:
+            h = self.embeddings_project(h)
         return self.run_layers(h, attention_mask, 0, self.n_lower)
 
     @torch.inference_mode()
@@ -111,6 +120,17 @@ class LayeredEncoder:
 
 
 @dataclass
+class EncodedTokens:
+    """A shard's codes, flat: passage i's tokens are rows offsets[i]:offsets[i+1], in input order."""
+    codes: np.ndarray               # [T, width] in the codec's layout
+    scales: np.ndarray | None       # [T] float16, for a codec whose layout is scaled
+    offsets: np.ndarray             # [n + 1] int64
+    seconds: float
+    tokens: int
+    padded_tokens: int              # tokens the forward passes computed (= tokens when packed)
+
+
+@dataclass
 class EncodedShard:
     codes: list[np.ndarray]        # per passage: [n_tokens, width] in the codec's layout
     scales: list[np.ndarray] | None  # per passage [n_tokens] float16, for a codec whose layout is scaled
@@ -120,33 +140,84 @@ class EncodedShard:
 
 
 def pad_batch(seqs: list[np.ndarray], types: list[np.ndarray], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    width = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    tt = np.zeros((len(seqs), width), dtype=np.int64)
-    am = np.zeros((len(seqs), width), dtype=np.int64)
-    for i, (s, t) in enumerate(zip(seqs, types)):
-        ids[i, :len(s)] = s
-        tt[i, :len(t)] = t
-        am[i, :len(s)] = 1
+    lengths = np.fromiter((len(x) for x in seqs), dtype=np.int64, count=len(seqs))
+    return pad_flat(np.concatenate(seqs), np.concatenate(types), lengths, pad_id, device)
+
+
+def pad_flat(ids: np.ndarray, types: np.ndarray, lengths: np.ndarray, pad_id: int,
+             device) -> tuple[torch.Tensor, ...]:
+    """`pad_batch` for tokens laid end to end (vectorised): [B, max len] ids, types, attention mask."""
+    rows, width = lengths.size, int(lengths.max())
+    valid = np.arange(width)[None, :] < lengths[:, None]
+    out_ids = np.full((rows, width), pad_id, dtype=np.int64)
+    out_types = np.zeros((rows, width), dtype=np.int64)
+    out_ids[valid] = ids  # row-major order of `valid` is the passages end to end
+    out_types[valid] = types
     as_t = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
-    return as_t(ids), as_t(tt), as_t(am)
+    return as_t(out_ids), as_t(out_types), as_t(valid.astype(np.int64))
 
 
-def _to_host(t: torch.Tensor) -> np.ndarray:
-    """Device -> host through pinned memory (an async DMA on GPU); a plain view on CPU."""
-    if t.device.type != "cuda":
-        return t.numpy()
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    torch.cuda.current_stream().synchronize()
-    return host.numpy()
+class HostCopies:
+    """Device -> host copies that overlap the next batch's compute.
+
+    On CUDA each result is copied into pinned memory on the compute stream and an event is recorded;
+    the host waits for batch k's copy only after batch k+1 has been queued. On CPU a result is ready
+    at once."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list[tuple] = []
+
+    def put(self, tensors: tuple, payload) -> list[tuple]:
+        """Queue one batch's result tensors; returns the batches now on the host as (arrays, payload)."""
+        if not self.cuda:
+            return [(tuple(t.numpy() if t is not None else None for t in tensors), payload)]
+        hosts = []
+        for t in tensors:
+            if t is None:
+                hosts.append(None)
+                continue
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            hosts.append(host)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((event, hosts, payload))
+        return self._ready(keep=1)
+
+    def drain(self) -> list[tuple]:
+        return self._ready(keep=0)
+
+    def _ready(self, keep: int) -> list[tuple]:
+        done = []
+        while len(self.pending) > keep:
+            event, hosts, payload = self.pending.pop(0)
+            event.synchronize()
+            done.append((tuple(h.numpy() if h is not None else None for h in hosts), payload))
+        return done
+
+
+def resolve_attention(requested: str, encoder: LayeredEncoder) -> str:
+    """The attention path to run: `mask` (HF layers, 4-d additive mask) or `packed` (pipeline.packed)."""
+    if requested not in ATTENTION_CHOICES:
+        raise ConfigError(f"attention={requested!r}: one of {', '.join(ATTENTION_CHOICES)}")
+    if requested == "mask":
+        return "mask"
+    if encoder.packed_unsupported:
+        if requested == "packed":
+            raise ConfigError(f"attention=packed: not for this model: {encoder.packed_unsupported}")
+        return "mask"
+    return "packed"
 
 
 class ShardEncoder:
-    """Lower layers -> the codec's encoder, all on the device; returns per-passage codes."""
+    """Lower layers -> the codec's encoder, all on the device; returns codes for real tokens only.
+
+    `attention`: `packed` runs unpadded batches (varlen flash attention on CUDA), `mask` the HF layers
+    on padded batches; `auto` is packed wherever the model allows it."""
 
     def __init__(self, model_cfg: ModelConfig, codec: Codec, token_budget: int | None, device: torch.device,
-                 pad_id: int = 0):
+                 pad_id: int = 0, attention: str = "auto", compile: bool = False):
         self.encoder = LayeredEncoder(model_cfg, device)
         if codec.hidden != self.encoder.hidden:
             raise ConfigError(f"the codec expects hidden size {codec.hidden}, "
@@ -155,33 +226,72 @@ class ShardEncoder:
         self.scaled = codec.layout.scaled
         self.token_budget = token_budget or default_token_budget(device)
         self.pad_id = pad_id
+        self.attention = resolve_attention(attention, self.encoder)
+        self.packed = None
+        if self.attention == "packed":
+            kernel = "varlen" if varlen_available(device) else "padded"
+            enc = self.encoder
+            self.packed = PackedLowerLayers(enc.embeddings, enc.embeddings_project, list(enc.layers)[:enc.n_lower],
+                                            enc.type_vocab_size, kernel, compile)
+        elif compile:
+            raise ConfigError("compile needs the packed attention path (attention=packed or auto)")
+        self.kernel = self.packed.kernel if self.packed is not None else "sdpa-mask"
+        log.info("encoder: attention %s (%s), token budget %d, compile %s, %s", self.attention, self.kernel,
+                 self.token_budget, compile, self.encoder.dtype)
+
+    def _states(self, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, int]:
+        """One batch (tokens end to end) -> [T, hidden] lower-layer states of its real tokens, and the
+        tokens computed."""
+        device = self.encoder.device
+        if self.packed is not None:
+            return self.packed(PackedBatch.build(ids, types, lengths, device)), int(lengths.sum())
+        i, t, am = pad_flat(ids, types, lengths, self.pad_id, device)
+        return self.encoder.embed_and_lower(i, t, am)[am.bool()], i.numel()
+
+    def encode_flat(self, ids: np.ndarray, types: np.ndarray, offsets: np.ndarray) -> EncodedTokens:
+        """Passages as flat token arrays plus offsets (Arrow's list layout) -> flat codes, same offsets."""
+        t0 = time.perf_counter()
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if offsets.size == 0:
+            raise ValueError("offsets: n + 1 entries for n passages (at least [0])")
+        lengths = np.diff(offsets)
+        total = int(offsets[-1] - offsets[0])
+        codes = scales = None
+        padded = 0
+        copies = HostCopies(self.encoder.device)
+
+        def place(done):
+            nonlocal codes, scales
+            for (q, s), rows in done:
+                if codes is None:
+                    codes = np.empty((total,) + q.shape[1:], dtype=q.dtype)
+                    scales = np.empty(total, dtype=s.dtype) if s is not None else None
+                codes[rows - offsets[0]] = q
+                if scales is not None:
+                    scales[rows - offsets[0]] = s
+
+        for batch in token_budget_batches(lengths, self.token_budget):
+            rows = token_index(offsets, batch)
+            with torch.inference_mode():
+                h, computed = self._states(ids[rows], types[rows], lengths[batch])
+                padded += computed
+                q, s = self.encode_states(h)
+            place(copies.put((q, s), rows))
+        place(copies.drain())
+        if codes is None:  # no passages
+            codes = np.zeros((0, 0), np.int8)
+        return EncodedTokens(codes=codes, scales=scales, offsets=offsets - offsets[0], seconds=time.perf_counter() - t0, tokens=total, padded_tokens=padded)
 
     def encode(self, input_ids: list[np.ndarray], token_types: list[np.ndarray]) -> EncodedShard:
-        import time
-        t0 = time.perf_counter()
+        """Per-passage arrays in, per-passage codes out (views into one flat result)."""
         lengths = np.fromiter((len(s) for s in input_ids), dtype=np.int64, count=len(input_ids))
-        codes: list[np.ndarray | None] = [None] * len(input_ids)
-        scales: list[np.ndarray | None] | None = [None] * len(input_ids) if self.scaled else None
-        padded = 0
-        device = self.encoder.device
-        for batch in token_budget_batches(lengths, self.token_budget):
-            ids, tt, am = pad_batch([input_ids[i] for i in batch], [token_types[i] for i in batch],
-                                    self.pad_id, device)
-            padded += ids.numel()
-            with torch.inference_mode():
-                h = self.encoder.embed_and_lower(ids, tt, am)
-                q, s = self.encode_states(h[am.bool()])  # only real tokens, packed [sum(n_i), hidden]
-            q_host = _to_host(q)
-            s_host = _to_host(s) if s is not None else None
-            offset = 0
-            for i in batch:
-                n = int(lengths[i])
-                codes[i] = q_host[offset:offset + n]
-                if scales is not None:
-                    scales[i] = s_host[offset:offset + n]
-                offset += n
-        return EncodedShard(codes=codes, scales=scales, seconds=time.perf_counter() - t0,
-                            tokens=int(lengths.sum()), padded_tokens=padded)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        cat = lambda parts: np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)  # noqa: E731
+        flat = self.encode_flat(cat(input_ids), cat(token_types), offsets)
+        cut = offsets[1:-1]
+        return EncodedShard(codes=np.split(flat.codes, cut),
+                            scales=np.split(flat.scales, cut) if flat.scales is not None else None,
+                            seconds=flat.seconds, tokens=flat.tokens, padded_tokens=flat.padded_tokens)
 
 
 def model_revision(model_cfg: ModelConfig) -> str:

@@ -86,6 +86,7 @@ class ShardSink(Datasink):
                   "passages_in": meta["passages_in"], "truncated": meta["truncated"],
                   "skipped_too_long": meta["skipped_too_long"], "too_long_ids": too_long_ids, "tokens": meta["tokens"],
                   "padded_tokens": meta["padded_tokens"], "encode_seconds": meta["encode_seconds"],
+                  "attention": meta.get("attention"),
                   "raw_code_bytes": int(sum(len(r) for r in raw)), "read": meta.get("read"),
                   "digest": meta.get("digest", ""), "write_seconds": time.perf_counter() - t0,
                   "finished_at": time.time()}

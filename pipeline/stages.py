@@ -153,7 +153,9 @@ class EncodeStage:
         if device.type == "cpu":
             per_actor = max(1, (os.cpu_count() or 1) // (ctx.execution.num_encoders or 1))
             torch.set_num_threads(ctx.execution.torch_threads or per_actor)
-        self.encoder = ShardEncoder(ctx.model, codec, ctx.execution.token_budget, device)
+        ex = ctx.execution
+        self.encoder = ShardEncoder(ctx.model, codec, ex.token_budget, device, attention=ex.attention,
+                                    compile=ex.compile)
         self.embedder = None
         if ctx.dpr is not None:
             from pipeline.dpr import Embedder
@@ -165,48 +167,70 @@ class EncodeStage:
             return table
         one_split(table)
         meta = split_meta(table)
-        keep = np.flatnonzero(table.column("keep").to_numpy(zero_copy_only=False))
-        all_ids = table.column("token_ids").to_numpy(zero_copy_only=False)
-        all_types = table.column("token_type_ids").to_numpy(zero_copy_only=False)
-        ids = [np.asarray(all_ids[i], dtype=np.int64) for i in keep]
-        types = [np.asarray(all_types[i]) for i in keep]
-        enc = self.encoder.encode(ids, types) if ids else None
-        codes = [b""] * table.num_rows
-        scales: list = [None] * table.num_rows
-        n_tokens = np.zeros(table.num_rows, np.int32)
-        for j, i in enumerate(keep):
-            codes[i] = enc.codes[j].tobytes()
-            n_tokens[i] = len(ids[j])
-            if enc.scales is not None:
-                scales[i] = enc.scales[j]
+        keep_mask = table.column("keep").to_numpy(zero_copy_only=False).astype(bool)
+        kept = table.filter(pa.array(keep_mask))
+        ids, offsets = flat_lists(kept.column("token_ids"), np.int64)
+        types, _ = flat_lists(kept.column("token_type_ids"), np.int64)
+        enc = self.encoder.encode_flat(ids, types, offsets)
+        lengths = np.zeros(table.num_rows, np.int64)  # a passage skipped for length has no codes
+        lengths[keep_mask] = np.diff(enc.offsets)
+        row_bytes = int(np.prod(enc.codes.shape[1:])) * enc.codes.itemsize
         out = {
             "split": table.column("split"), "id": table.column("id"), "content_hash": table.column("content_hash"),
-            "n_tokens": pa.array(n_tokens), "token_ids": table.column("token_ids"),
-            "scales": pa.array(scales, pa.list_(pa.float16())),
-            "raw_codes": pa.array(codes, pa.large_binary()),
+            "n_tokens": pa.array(lengths.astype(np.int32)), "token_ids": table.column("token_ids"),
+            "scales": list_column(enc.scales, lengths, keep_mask, pa.float16()),
+            "raw_codes": binary_column(enc.codes, lengths * row_bytes),
             "keep": table.column("keep"),
         }
         if self.embedder is not None:
             t0 = time.perf_counter()
             if "dpr_token_ids" in table.column_names:
-                d_all = table.column("dpr_token_ids").to_numpy(zero_copy_only=False)
-                d_types_all = table.column("dpr_token_type_ids").to_numpy(zero_copy_only=False)
-                d_ids = [np.asarray(d_all[i], dtype=np.int64) for i in keep]
-                d_types = [np.asarray(d_types_all[i]) for i in keep]
+                d_ids, d_off = flat_lists(kept.column("dpr_token_ids"), np.int64)
+                d_types, _ = flat_lists(kept.column("dpr_token_type_ids"), np.int64)
             else:
-                d_ids, d_types = ids, types
-            emb = self.embedder.embed_ids(d_ids, d_types) if d_ids else np.zeros((0, self.embedder.dim), np.float32)
+                d_ids, d_types, d_off = ids, types, offsets
+            cut = d_off[1:-1] - d_off[0]
+            d_ids, d_types = np.split(d_ids[d_off[0]:d_off[-1]], cut), np.split(d_types[d_off[0]:d_off[-1]], cut)
+            emb = self.embedder.embed_ids(d_ids, d_types) if kept.num_rows else np.zeros((0, self.embedder.dim),
+                                                                                       np.float32)
             full = np.zeros((table.num_rows, self.embedder.dim), np.float32)
-            full[keep] = emb
+            full[keep_mask] = emb
             out["title"] = table.column("title")
             out["dpr_embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1), pa.float32()),
                                                                      self.embedder.dim)
             meta["dpr_seconds"] = time.perf_counter() - t0
             meta["dpr_dim"] = self.embedder.dim
-        meta.update({"tokens": enc.tokens if enc else 0, "padded_tokens": enc.padded_tokens if enc else 0,
-                     "encode_seconds": enc.seconds if enc else 0.0})
+        meta.update({"tokens": enc.tokens, "padded_tokens": enc.padded_tokens, "encode_seconds": enc.seconds,
+                     "attention": self.encoder.kernel})
         out["split_meta"] = meta_column(table.num_rows, meta)
         return pa.table(out)
+
+
+def flat_lists(column: pa.ChunkedArray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (every row's values end to end, offsets [n + 1]) in numpy, without a Python
+    object per row. Offsets index the returned values (they need not start at 0)."""
+    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if isinstance(arr, pa.ChunkedArray):  # a column with no chunks
+        arr = pa.array([], column.type)
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    return values, offsets
+
+
+def binary_column(flat: np.ndarray, row_bytes: np.ndarray) -> pa.Array:
+    """Rows of `flat`'s bytes, `row_bytes[i]` each, as one large_binary column (zero rows: empty)."""
+    offsets = np.concatenate([[0], np.cumsum(row_bytes)]).astype(np.int64)
+    data = np.ascontiguousarray(flat).view(np.uint8).reshape(-1)
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(row_bytes),
+                                            [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def list_column(flat: np.ndarray | None, lengths: np.ndarray, valid: np.ndarray, value_type) -> pa.Array:
+    """Rows of `flat`, `lengths[i]` each, as a list column; null where not `valid` (or everywhere without `flat`)."""
+    if flat is None:
+        return pa.nulls(len(lengths), pa.list_(value_type))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(flat, value_type), mask=pa.array(~valid))
 
 
 def shard_metadata(ctx: StageContext) -> dict[str, Any]:

@@ -258,11 +258,21 @@ def test_every_job_key_is_a_run_flag_and_every_run_flag_a_job_key():
         run_config_from_dict({"store": "s"})
     argv = ["run", "--store", "s", "--dpr-model", "m", "--dpr-normalize", "false", "--train-sample", "5000",
             "--task-cpus", "0.25", "--encoder-cpus", "2", "--torch-threads", "3", "--row-group-size", "64",
-            "--max-field-bytes", "4096", "--title-column", "", "--bits", "5.25"]
+            "--max-field-bytes", "4096", "--title-column", "", "--bits", "5.25", "--attention", "packed", "--compile"]
     job = {"store": "s", "dpr": {"model": "m", "normalize": False, "train_sample": 5000},
-           "execution": {"task_cpus": 0.25, "encoder_cpus": 2.0, "torch_threads": 3, "row_group_size": 64},
+           "execution": {"task_cpus": 0.25, "encoder_cpus": 2.0, "torch_threads": 3, "row_group_size": 64,
+                         "attention": "packed", "compile": True},
            "corpus": {"max_field_bytes": 4096, "title_column": ""}, "compression": {"bits": 5.25}}
     assert run_config_from_dict(run_body(build_parser().parse_args(argv))) == run_config_from_dict(job)
+
+
+def test_attention_and_compile_settings_are_checked_before_anything_starts():
+    with pytest.raises(ConfigError, match="attention='flash' is not one of auto, mask, packed"):
+        run_config_from_dict({"store": "s", "execution": {"attention": "flash"}})
+    with pytest.raises(ConfigError, match="compile=true needs attention=packed or auto"):
+        run_config_from_dict({"store": "s", "execution": {"attention": "mask", "compile": True}})
+    with pytest.raises(ConfigError, match="execution.compile: expected bool"):
+        run_config_from_dict({"store": "s", "execution": {"compile": "yes"}})
 
 
 def test_help_names_a_default_for_every_run_flag_with_one():

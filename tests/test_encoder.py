@@ -61,22 +61,27 @@ def test_layer_loop_equals_the_hf_forward(tiny_model):
         LayeredEncoder(ModelConfig(name=tiny_model, layers=9), CPU)
 
 
-def test_shard_encoder_stores_only_real_tokens_and_is_padding_invariant(tiny_model):
+@pytest.mark.parametrize("attention", ["mask", "packed"])
+def test_shard_encoder_stores_only_real_tokens_and_is_padding_invariant(tiny_model, attention):
     model = ModelConfig(name=tiny_model, layers=2)
     rows = first_passages(6)
     tok = PairTokenizer(model, 128)([r[2] for r in rows], [r[1][: 40 * (i + 1)] for i, r in enumerate(rows)])
-    enc = LayeredEncoder(model, CPU)
     acc = PcaAccumulator(32)
     acc.update(np.random.default_rng(0).standard_normal((200, 32)))
     comp = acc.finish(8)
-    together = ShardEncoder(model, LinearCodec(comp), 100_000, CPU).encode(tok.input_ids, tok.token_type_ids)
-    alone = ShardEncoder(model, LinearCodec(comp), 1, CPU).encode(tok.input_ids, tok.token_type_ids)  # batch of 1
+    together = ShardEncoder(model, LinearCodec(comp), 100_000, CPU, attention=attention).encode(
+        tok.input_ids, tok.token_type_ids)
+    alone = ShardEncoder(model, LinearCodec(comp), 1, CPU, attention=attention).encode(
+        tok.input_ids, tok.token_type_ids)  # batch of 1
     for i, ids in enumerate(tok.input_ids):
         assert together.codes[i].shape == (len(ids), 8)
         assert np.abs(together.codes[i].astype(int) - alone.codes[i].astype(int)).max() <= 1
     assert together.tokens == sum(len(x) for x in tok.input_ids)
-    assert together.padded_tokens > together.tokens  # one batch, dynamic padding to its own longest
+    if attention == "mask":
+        assert together.padded_tokens > together.tokens  # one batch, dynamic padding to its own longest
+    else:
+        assert together.padded_tokens == together.tokens  # packed: no padding computed
     assert alone.padded_tokens == alone.tokens  # batches of one: no padding at all
-    unq = ShardEncoder(model, LinearCodec(comp, "none"), 4096, CPU).encode(tok.input_ids, tok.token_type_ids)
+    unq = ShardEncoder(model, LinearCodec(comp, "none"), 4096, CPU, attention=attention).encode(
+        tok.input_ids, tok.token_type_ids)
     assert unq.scales is None and unq.codes[0].dtype == np.float16
-    del enc
