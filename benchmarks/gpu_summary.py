@@ -27,7 +27,7 @@ def main(argv=None) -> int:
         print(f"smoke: {smoke['device']} kernel={smoke['kernel']} rel err packed {smoke['max_rel_err_packed']:.2e} "
               f"masked {smoke['max_rel_err_masked']:.2e}, shard encoder {smoke.get('encode_flat_rel_err_packed', -1):.2e}"
               f" ok={smoke['ok']}")
-    for name in ("throughput_gpu.json", "throughput_gpu_compile.json"):
+    for name in ("throughput_gpu.json", "e2e_gpu.json", "throughput_gpu_compile.json"):
         res = load(name)
         print(f"{name}:" if res else f"{name}: none")
         if res:

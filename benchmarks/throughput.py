@@ -312,6 +312,7 @@ def main(argv=None) -> int:
             res[name]["mfu_with_tokenise"] = fpt * res[name]["tokens_per_s"] / peak
         res["mfu_pipeline"] = res["pipeline"]["mfu"]
         res["mfu"] = res[best]["mfu"]
+    save(res, a.json)  # what is measured so far survives an end-to-end run cut short
     if a.e2e_repeat:
         res["e2e"] = e2e(model, comp, ids, titles, texts, a.e2e_repeat, a.shard_size, a.token_budget, variants[0])
         e = res["e2e"]
@@ -336,10 +337,14 @@ def main(argv=None) -> int:
     print(json.dumps(res, indent=1))
     print()
     print("\n".join(summary_lines(res)))
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=1)
+    save(res, a.json)
     return 0
+
+
+def save(res: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as fh:
+            json.dump(res, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ class HostCopies:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)
             hosts.append(host)
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)  # the host sleeps on it rather than spinning a core
         event.record()
         self.pending.append((event, hosts, payload))
         return self._ready(keep=1)
@@ -233,8 +233,11 @@ class ShardEncoder:
             enc = self.encoder
             self.packed = PackedLowerLayers(enc.embeddings, enc.embeddings_project, list(enc.layers)[:enc.n_lower],
                                             enc.type_vocab_size, kernel, compile)
-        elif compile:
+        elif compile and attention == "mask":
             raise ConfigError("compile needs the packed attention path (attention=packed or auto)")
+        elif compile:
+            log.warning("compile skipped: %s runs the masked path (%s)", model_cfg.name,
+                        self.encoder.packed_unsupported)
         self.kernel = self.packed.kernel if self.packed is not None else "sdpa-mask"
         log.info("encoder: attention %s (%s), token budget %d, compile %s, %s", self.attention, self.kernel,
                  self.token_budget, compile, self.encoder.dtype)

@@ -41,10 +41,11 @@ def packed_unsupported(model) -> str | None:
 
 
 def varlen_available(device: torch.device) -> bool:
-    if device.type != "cuda":
+    """Varlen flash attention: CUDA, torch >= 2.10, and an Ampere (sm80) or newer GPU (flash kernels)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
         return False
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.10)
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return False
     return True

@@ -170,7 +170,9 @@ class EncodeStage:
         keep_mask = table.column("keep").to_numpy(zero_copy_only=False).astype(bool)
         kept = table.filter(pa.array(keep_mask))
         ids, offsets = flat_lists(kept.column("token_ids"), np.int64)
-        types, _ = flat_lists(kept.column("token_type_ids"), np.int64)
+        types, type_offsets = flat_lists(kept.column("token_type_ids"), np.int64)
+        if not np.array_equal(offsets, type_offsets):
+            raise RuntimeError("token_ids and token_type_ids differ in length for some passage")
         enc = self.encoder.encode_flat(ids, types, offsets)
         lengths = np.zeros(table.num_rows, np.int64)  # a passage skipped for length has no codes
         lengths[keep_mask] = np.diff(enc.offsets)
@@ -189,8 +191,7 @@ class EncodeStage:
                 d_types, _ = flat_lists(kept.column("dpr_token_type_ids"), np.int64)
             else:
                 d_ids, d_types, d_off = ids, types, offsets
-            cut = d_off[1:-1] - d_off[0]
-            d_ids, d_types = np.split(d_ids[d_off[0]:d_off[-1]], cut), np.split(d_types[d_off[0]:d_off[-1]], cut)
+            d_ids, d_types = np.split(d_ids, d_off[1:-1]), np.split(d_types, d_off[1:-1])
             emb = self.embedder.embed_ids(d_ids, d_types) if kept.num_rows else np.zeros((0, self.embedder.dim),
                                                                                        np.float32)
             full = np.zeros((table.num_rows, self.embedder.dim), np.float32)
@@ -207,14 +208,14 @@ class EncodeStage:
 
 
 def flat_lists(column: pa.ChunkedArray, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """A list column as (every row's values end to end, offsets [n + 1]) in numpy, without a Python
-    object per row. Offsets index the returned values (they need not start at 0)."""
+    """A list column as (every row's values end to end, offsets [n + 1] from 0) in numpy, without a
+    Python object per row. A sliced array's offsets start past 0: they are rebased, values cut to match."""
     arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if isinstance(arr, pa.ChunkedArray):  # a column with no chunks
         arr = pa.array([], column.type)
     offsets = arr.offsets.to_numpy().astype(np.int64)
-    values = arr.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    return values, offsets
+    values = arr.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]].astype(dtype, copy=False)
+    return values, offsets - offsets[0]
 
 
 def binary_column(flat: np.ndarray, row_bytes: np.ndarray) -> pa.Array:
