@@ -93,6 +93,7 @@ def shard_encoder_check(model_path: str, device: torch.device, n: int = 64, seed
 def main(argv=None) -> int:
     import tempfile
 
+    from pipeline.config import ConfigError
     from pipeline.encoder import pick_device
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,7 +101,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    device = pick_device(a.device)
+    try:
+        device = pick_device(a.device)
+    except ConfigError as exc:
+        print(f"gpu_smoke: {exc}", file=sys.stderr)
+        return 2
     res: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                  "torch": torch.__version__, "cuda": torch.version.cuda}
     if device.type == "cuda":
