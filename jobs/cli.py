@@ -8,6 +8,7 @@ import os
 import sys
 
 from pipeline.config import (
+    ATTENTION_CHOICES,
     BUNDLED_CORPUS,
     BUNDLED_MODEL,
     ConfigError,
@@ -703,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs each encoder actor declares to Ray (default 1)")
     g.add_argument("--torch-threads", type=int, default=None,
                    help="threads of a CPU encoder (default: the node's cores / encoders)")
-    g.add_argument("--attention", default=ExecutionConfig.attention, choices=["auto", "mask", "packed"],
+    g.add_argument("--attention", default=ExecutionConfig.attention, choices=ATTENTION_CHOICES,
                    help="packed: unpadded batches, varlen flash attention on CUDA (padded attention elsewhere); "
                         "mask: the model's own layers on padded batches (default auto: packed for BERT/ELECTRA)")
     g.add_argument("--compile", action="store_true",

@@ -13,6 +13,8 @@ from storage.errors import UsageError
 BUNDLED_MODEL = "bundled:all-minilm-l6-v2"
 BUNDLED_CORPUS = "bundled:wiki_passages_2k"
 
+ATTENTION_CHOICES = ("auto", "mask", "packed")  # how the encoder batches: see pipeline/packed.py
+
 _CHOICES = {
     "format": ("auto", "tsv", "jsonl", "parquet", "hf"),
     "on_empty": ("skip", "error"),
@@ -23,7 +25,7 @@ _CHOICES = {
     "quantize": ("int8", "none"),
     "codec": ("linear", "pq"),
     "device": ("auto", "cpu", "cuda"),
-    "attention": ("auto", "mask", "packed"),
+    "attention": ATTENTION_CHOICES,
 }
 
 

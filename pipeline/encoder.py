@@ -13,9 +13,8 @@ import torch
 from transformers import AutoModel
 
 from pipeline.codec import Codec
-from pipeline.config import ConfigError, ModelConfig
-from pipeline.packed import (ATTENTION_CHOICES, PackedBatch, PackedLowerLayers, packed_unsupported, token_index,
-                             varlen_available)
+from pipeline.config import ATTENTION_CHOICES, ConfigError, ModelConfig
+from pipeline.packed import PackedBatch, PackedLowerLayers, packed_unsupported, token_index, varlen_available
 
 log = logging.getLogger(__name__)
 

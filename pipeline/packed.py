@@ -16,7 +16,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ATTENTION_CHOICES = ("auto", "mask", "packed")
 PACKED_MODEL_TYPES = ("bert", "electra")
 
 
