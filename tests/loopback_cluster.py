@@ -1,7 +1,7 @@
 """A real two-node Ray cluster on loopback, started with `ray start` the way an operator would.
 
-Each node is its own `ray start --block` process, so one node can be stopped (SIGTERM: drain, then
-its workers are killed) without `ray stop`, which would take down every Ray on the machine,
+Each node is its own `ray start --block` process, so one node can be killed (its process group, at once)
+without `ray stop`, which would take down every Ray on the machine,
 including the test session's own local cluster.
 """
 from __future__ import annotations
@@ -112,10 +112,23 @@ class LoopbackCluster:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read())["status"]
 
-    def stop_worker(self, timeout_s: float = 90) -> int:
-        """Stop the second node as an operator (or a spot reclaim) would: SIGTERM, then it is gone."""
-        self.worker.send_signal(signal.SIGTERM)
-        return self.worker.wait(timeout_s)
+    def kill_worker(self) -> None:
+        """Take the second node down the way a crash or a spot reclaim without notice does: SIGKILL to its
+        whole process group (`ray start`, raylet, agents, every worker) at once.
+
+        Not SIGTERM: a graceful stop drains for ~30 s here, and a job can finish inside that window,
+        which left the test proving nothing (and failing) on a faster machine."""
+        os.killpg(self.worker.pid, signal.SIGKILL)
+        self.worker.wait(10)
+
+    def wait_dead(self, node_id: str, timeout_s: float = 120) -> float:
+        """Seconds until the head reports the node DEAD (its health checks run out, ~15 s by default)."""
+        start = time.time()
+        while time.time() < start + timeout_s:
+            if [x["state"] for x in self.nodes() if x["node_id"] == node_id] == ["DEAD"]:
+                return time.time() - start
+            time.sleep(1)
+        raise TimeoutError(f"node {node_id} not reported DEAD after {timeout_s:.0f} s")
 
     def shutdown(self) -> None:
         for proc in (self.worker, self.head):
