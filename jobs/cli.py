@@ -87,7 +87,8 @@ def _add_codec(g) -> None:
 def _add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=BUNDLED_MODEL,
-                   help=f"HF hub name or local path of a BERT/ELECTRA/RoBERTa encoder (default: {BUNDLED_MODEL})")
+                   help=f"HF hub name or local path of a BERT/ELECTRA/RoBERTa/MPNet/DeBERTa-style encoder, "
+                        f"checked against its own forward before any work (default: {BUNDLED_MODEL})")
     g.add_argument("--model-revision", default=None, help="hub revision to pin (recorded in the fingerprint)")
     g.add_argument("--layers", type=int, default=5, help="lower layers that form the input component (default 5)")
     g.add_argument("--max-length", type=int, default=None, help="tokens per passage (default: model maximum)")

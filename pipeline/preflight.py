@@ -43,6 +43,18 @@ def check_model(model: ModelConfig, dims: int | None) -> int:
     return hidden
 
 
+def check_states(model: ModelConfig, attention: str) -> None:
+    """The input component, on the path the encoders will take, must reproduce the model's own
+    `hidden_states[N]` (float32 here; each encoder repeats the check on its own device and dtype)."""
+    import torch
+
+    from pipeline.encoder import InputComponent
+
+    lower = InputComponent(model, torch.device("cpu"), attention=attention)
+    log.info("checked: %s's lower %d layers on the %s path reproduce its own forward (worst token relative "
+             "error %.1e)", model.name, model.layers, lower.attention, lower.check_error)
+
+
 def check_compressor(codec, where: str, compression, hidden: int | None) -> None:
     """A given codec file must be the codec, dims and sub-quantiser count the flags ask for."""
     if codec.kind != compression.codec:
@@ -67,6 +79,7 @@ def preflight_run(cfg: RunConfig) -> bytes | None:
 
     check_writable(cfg.store, cfg.storage_options)
     hidden = check_model(cfg.model, cfg.compression.dims)
+    check_states(cfg.model, cfg.execution.attention)
     c = cfg.compression
     if c.codec == "pq" and c.dims is None and hidden % c.pq_m:
         raise ConfigError(f"--pq-m {c.pq_m} does not divide {cfg.model.name}'s hidden size {hidden}: pick a divisor, "

@@ -138,7 +138,16 @@ class DecoupledReader:
         the input component's position and token-type embeddings (copies: a trained decoupled
         checkpoint would bring its own)."""
         emb = self.encoder.embeddings
-        self.global_position = emb.position_embeddings.weight.detach().clone()
+        table = getattr(emb, "position_embeddings", None)
+        if not isinstance(table, torch.nn.Embedding):
+            raise ConfigError(f"model {self.model_cfg.name} ({self.encoder.architecture}) has no absolute position "
+                              f"embeddings to re-encode [question; passage] with (§3.3), so `answer` refuses it; "
+                              f"its stored states can still be read with `lookup`")
+        if table.embedding_dim != self.encoder.hidden:
+            raise ConfigError(f"model {self.model_cfg.name} ({self.encoder.architecture}) has {table.embedding_dim}-wide "
+                              f"position embeddings for {self.encoder.hidden}-wide states (ELECTRA's up-projected "
+                              f"embeddings): `answer` cannot re-encode [question; passage] with them, so it refuses")
+        self.global_position = table.weight.detach().clone()
         types = getattr(emb, "token_type_embeddings", None)
         self.global_segment = types.weight.detach().clone() if types is not None else None
         pad = getattr(emb, "padding_idx", None)  # RoBERTa numbers positions from padding_idx + 1

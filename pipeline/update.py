@@ -167,9 +167,11 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
 
     from pipeline import run as runner
     from pipeline.encode import encode_splits
+    from pipeline.preflight import check_states
     from pipeline.sink import finished_markers, shard_entries
 
     t0 = time.perf_counter()
+    check_states(cfg.model, cfg.execution.attention)  # before Ray starts: a model computed wrongly is refused
     store = Store(cfg.store, cfg.storage_options)
     corpus = Corpus(cfg.corpus, cfg.storage_options)
     stage_key = {"parent": mf.latest_version(store), "corpus": dataclasses.asdict(cfg.corpus),
