@@ -25,17 +25,30 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
-def _storage_options(raw: str | None) -> dict:
+def _storage_options(raw: str | None, flag: str = "--storage-options") -> dict:
     """fsspec options as JSON (e.g. an endpoint_url); credentials belong in the environment."""
     if not raw:
         return {}
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"--storage-options is not valid JSON: {exc.msg}") from exc
+        raise ConfigError(f"{flag} is not valid JSON: {exc.msg}") from exc
     if not isinstance(value, dict):
-        raise ConfigError("--storage-options must be a JSON object")
+        raise ConfigError(f"{flag} must be a JSON object")
     return value
+
+
+def _add_corpus_options(g) -> None:
+    g.add_argument("--corpus-storage-options", default=None,
+                   help="fsspec options for the corpus alone, as JSON (e.g. '{\"anon\": true}' for a public bucket); "
+                        "the store's --storage-options are never used to read the corpus")
+
+
+def _corpus(a):
+    """The corpus the flags name, read with its own options."""
+    from pipeline.corpus import Corpus
+
+    return Corpus(_corpus_cfg(a), _storage_options(a.corpus_storage_options, "--corpus-storage-options"))
 
 
 def _add_corpus(p: argparse.ArgumentParser) -> None:
@@ -43,6 +56,7 @@ def _add_corpus(p: argparse.ArgumentParser) -> None:
     g.add_argument("--corpus", default=BUNDLED_CORPUS,
                    help="fsspec URL, glob or directory (TSV/JSONL/Parquet), or a HF dataset with --format hf "
                         f"(default: {BUNDLED_CORPUS}, the bundled 2,333 Wikipedia passages)")
+    _add_corpus_options(g)
     g.add_argument("--format", default="auto", choices=["auto", "tsv", "jsonl", "parquet", "hf"],
                    help="default auto: from the file extension (.tsv, .jsonl, .parquet, also compressed)")
     _add_column_map(g)
@@ -98,8 +112,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def _add_store(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--store", required=required, help="store URL: local dir, s3://bucket/prefix, gs://...")
     p.add_argument("--storage-options", default=None,
-                   help="fsspec options as JSON, e.g. '{\"endpoint_url\": \"http://...\"}'. Credentials: use "
-                        "the standard chain (env, profile, instance role); they are never logged or stored")
+                   help="the store's fsspec options as JSON, e.g. '{\"endpoint_url\": \"http://...\"}'. Credentials: "
+                        "use the standard chain (env, profile, instance role); they are never logged or stored, and "
+                        "never used for the corpus")
 
 
 def _tristate(value: str) -> bool | None:
@@ -129,7 +144,10 @@ def run_body(a) -> dict:
 
     body: dict = {"store": a.store, "storage_options": _storage_options(a.storage_options)}
     for (section, key), flag in run_flags().items():
-        body.setdefault(section, {})[key] = getattr(a, flag[2:].replace("-", "_"))
+        value = getattr(a, flag[2:].replace("-", "_"))
+        if key == "storage_options":  # a location's options: JSON on the command line, a mapping in a job file
+            value = _storage_options(value, flag) if value else None
+        body.setdefault(section, {})[key] = value
     if not a.dpr_model:
         body["dpr"] = None  # no --dpr-model: no DPR pass (a job file leaves out its dpr section)
     return body
@@ -192,13 +210,11 @@ def _fit_settings(a):
 
 
 def cmd_fit(a) -> int:
-    from pipeline.corpus import Corpus
     from pipeline.encoder import pick_device
     from pipeline.fit import fit_on_corpus
     from storage.fs import redact_url, write_url
 
-    codec = fit_on_corpus(_model_cfg(a), Corpus(_corpus_cfg(a)), _fit_settings(a), a.sample, a.seed,
-                          pick_device(a.device))
+    codec = fit_on_corpus(_model_cfg(a), _corpus(a), _fit_settings(a), a.sample, a.seed, pick_device(a.device))
     data = codec.to_bytes()
     write_url(a.out, data)
     md = codec.metadata
@@ -210,20 +226,20 @@ def cmd_fit(a) -> int:
 
 def cmd_fidelity(a) -> int:
     from pipeline.codec import codec_from_bytes
-    from pipeline.corpus import Corpus
     from pipeline.encoder import pick_device
     from pipeline.fit import fidelity_on_corpus
-    from storage.fs import read_url, redact_url, write_url
+    from storage.fs import Location, read_url, redact_url, write_url
 
     where = redact_url(a.compressor)
-    data = read_url(a.compressor)
+    data = read_url(Location("compressor", a.compressor,
+                             _storage_options(a.compressor_storage_options, "--compressor-storage-options")))
     model = _model_cfg(a)
     modes = [("none", 16), ("int8", a.bits)] if a.quantize == "both" else [(a.quantize, a.bits)]
     codecs: dict[str, tuple] = {}
     for q, bits in modes:  # quantisation settings complete a linear codec; other codecs ignore them
         codec = codec_from_bytes(data, where, q, bits)
         codecs.setdefault(json.dumps(codec.fingerprint_fields(), sort_keys=True), (codec.describe(), codec))
-    rows, measured, excluded = fidelity_on_corpus(model, Corpus(_corpus_cfg(a)), list(codecs.values()), a.sample,
+    rows, measured, excluded = fidelity_on_corpus(model, _corpus(a), list(codecs.values()), a.sample,
                                                   pick_device(a.device))
     print(f"fidelity of {where}, layers {model.layers}+ upper, on {measured} held-out passages (excluded {excluded} "
           f"used for fitting)")
@@ -369,7 +385,8 @@ def _measure_sample(a, tpp: float, ratio: float | None) -> tuple[float, float | 
     measured_tpp, measured_ratio = measure_sample(
         ModelConfig(name=a.model, layers=a.layers),
         Corpus(CorpusConfig(url=a.sample_corpus, limit=a.sample_size, id_column=a.id_column,
-                            title_column=a.title_column, text_column=a.text_column)),
+                            title_column=a.title_column, text_column=a.text_column),
+               _storage_options(a.corpus_storage_options, "--corpus-storage-options")),
         a.sample_size, settings, with_zstd_ratio=ratio is None)
     return measured_tpp, ratio if ratio is not None else measured_ratio
 
@@ -420,7 +437,6 @@ def cmd_validate(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from pipeline.corpus import Corpus
     from pipeline.encoder import pick_device
     from pipeline.ratedistortion import PQFamily, plot_png, sweep_corpus
     from storage.fs import redact_url, write_url
@@ -440,7 +456,7 @@ def cmd_report(a) -> int:
             reference = (int(ref_dims), float(ref_bits))
         except ValueError:
             raise ConfigError(f"--reference {a.reference!r}: expected DIMS:BITS, e.g. 96:5.25") from None
-    rd = sweep_corpus(model, Corpus(_corpus_cfg(a)), dims_list, bits_list, a.fit_sample, a.sample, a.seed,
+    rd = sweep_corpus(model, _corpus(a), dims_list, bits_list, a.fit_sample, a.sample, a.seed,
                       a.zstd_level, pick_device(a.device), pq=pq, reference=reference)
     report = rd.render()
     out = a.out_dir.rstrip("/")
@@ -580,6 +596,7 @@ def _update_config(a) -> RunConfig:
     body["store"] = a.store
     body["storage_options"] = opts
     body["corpus"]["url"] = a.corpus
+    body["corpus"]["storage_options"] = _storage_options(a.corpus_storage_options, "--corpus-storage-options")
     body["compression"]["compressor"] = None  # an update always reuses the parent's compressor artifact
     body["execution"]["ray_address"] = a.address or None
     for section, key, value in (("model", "name", a.model), ("model", "layers", a.layers),
@@ -602,7 +619,7 @@ def cmd_update(a) -> int:
     if a.dry_run:
         from pipeline.dryrun import plan_delta
 
-        plan = plan_update(Store(cfg.store, cfg.storage_options), Corpus(cfg.corpus, cfg.storage_options),
+        plan = plan_update(Store(cfg.store, cfg.storage_options), Corpus(cfg.corpus, cfg.corpus_storage_options),
                            cfg.execution)[-1]
         job = plan_delta(cfg, plan, _gpu_assumptions(a))
         if a.json:
@@ -665,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_codec(g)
     g.add_argument("--compressor", default=None, help="codec file, safetensors (trained, or from fit-compressor); "
                    "default: fit the codec on --fit-sample passages of the corpus and store it")
+    g.add_argument("--compressor-storage-options", default=None,
+                   help="fsspec options for a --compressor URL, as JSON (default: the store's when the file lives "
+                        "under --store, else none)")
     g.add_argument("--fit-sample", type=int, default=512,
                    help="passages sampled uniformly from the corpus to fit the PCA compressor on (default 512)")
     g.add_argument("--quantize", default="int8", choices=["int8", "none"],
@@ -729,6 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus(d)
     _add_model(d)
     d.add_argument("--compressor", required=True, help="codec file (from fit-compressor, or a store's artifacts/)")
+    d.add_argument("--compressor-storage-options", default=None, help="fsspec options for --compressor, as JSON")
     d.add_argument("--sample", type=int, default=200, help="held-out passages to measure (default 200)")
     d.add_argument("--quantize", default="both", choices=["both", "int8", "none"],
                    help="linear codec: measure float16, int8 codes, or both (PQ codecs ignore it)")
@@ -767,6 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--zstd-ratio", type=float, default=None, help="raw/stored code bytes (default 1.0, or measured "
                     "with --sample-corpus)")
     es.add_argument("--sample-corpus", default=None, help="measure tokens/passage (and the zstd ratio) on this corpus")
+    _add_corpus_options(es)
     _add_column_map(es)
     es.add_argument("--sample-size", type=int, default=300)
     es.add_argument("--model", default=BUNDLED_MODEL, help="model for --sample-corpus measurements")
@@ -834,6 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "version. Settings default to the ones the newest version recorded.")
     _add_store(up)
     up.add_argument("--corpus", required=True)
+    _add_corpus_options(up)
     up.add_argument("--format", default=None, choices=["auto", "tsv", "jsonl", "parquet", "hf"])
     up.add_argument("--on-duplicate", default=None, choices=["error", "keep-first"])
     _add_column_map(up, inherited=True)

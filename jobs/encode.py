@@ -1,7 +1,8 @@
 """Encode job: `ray job submit --working-dir . -- python -m jobs.encode --config encode.yaml [--dry-run]`.
 
-Keys: store (required), storage_options, corpus, model, compression, execution, dpr (sections of
-`precompute run`'s options; see jobs/examples/encode.yaml), plan (GPU assumptions for --dry-run).
+Keys: store (required), storage_options (the store's), corpus, model, compression, execution, dpr (sections of
+`precompute run`'s options; see jobs/examples/encode.yaml; corpus.storage_options and compression.storage_options
+are the corpus's and the compressor file's own), plan (GPU assumptions for --dry-run).
 Inside `ray job submit` it joins the cluster it was submitted to.
 """
 from __future__ import annotations

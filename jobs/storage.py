@@ -2,7 +2,8 @@
 
     python -m jobs.storage --config storage.yaml            # estimate (and validate, if `store` is set)
 
-Keys: passages, tokens_per_passage, hidden, dims, bits, zstd_ratio, sample_corpus, dpr_dim, prices
+Keys: passages, tokens_per_passage, hidden, dims, bits, zstd_ratio, sample_corpus (corpus_storage_options:
+its own fsspec options), dpr_dim, prices
 (mapping tier -> $/GB-month); store, storage_options, target_passages, tolerance for validation;
 layers, shard_size and plan (GPU assumptions) for --dry-run, which prints the encode plan for that
 corpus: passages, shards, GPU-hours and storage, from arithmetic alone.
@@ -17,11 +18,11 @@ from pipeline.config import ConfigError
 
 NUM = (int, float)
 SCHEMA = {"passages": int, "tokens_per_passage": NUM, "hidden": int, "dims": int, "bits": NUM, "zstd_ratio": NUM,
-          "sample_corpus": str, "dpr_dim": int, "prices": dict, "store": str, "storage_options": dict,
+          "sample_corpus": str, "corpus_storage_options": dict, "dpr_dim": int, "prices": dict, "store": str, "storage_options": dict,
           "target_passages": int, "tolerance": NUM, "layers": int, "shard_size": int}
 ESTIMATE = {"passages": "--passages", "tokens_per_passage": "--tokens-per-passage", "hidden": "--hidden",
             "dims": "--dims", "bits": "--bits", "zstd_ratio": "--zstd-ratio", "sample_corpus": "--sample-corpus",
-            "dpr_dim": "--dpr-dim"}
+            "corpus_storage_options": "--corpus-storage-options", "dpr_dim": "--dpr-dim"}
 VALIDATE = {"store": "--store", "storage_options": "--storage-options", "target_passages": "--target-passages",
             "tolerance": "--tolerance"}
 

@@ -200,8 +200,26 @@ class RunConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     dpr: DprConfig | None = None  # None: no DPR embeddings or index in this run
-    # fsspec options (credentials, endpoint). Never logged, never written to a manifest.
+    # fsspec options (credentials, endpoint), one set per location: never logged, never written to a manifest,
+    # never handed to another location's filesystem. `storage_options` is the store's; the corpus's and the
+    # compressor file's are the job file's corpus.storage_options and compression.storage_options.
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    corpus_storage_options: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    compressor_storage_options: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def compressor_location(self):
+        """The --compressor file's location. Unless given their own, its options are the store's when the
+        file lives under the store's URL (the store's own artifacts), and none otherwise."""
+        from storage.fs import Location
+        url = self.compression.compressor
+        if url is None:
+            return None
+        opts = self.compressor_storage_options
+        if opts is None:
+            root = self.store.rstrip("/")
+            opts = self.storage_options if url == root or url.startswith(root + "/") else {}
+        return Location("compressor", url, opts)
 
     def public_dict(self) -> dict[str, Any]:
         """The config as recorded with the output: no storage options, URLs redacted."""
@@ -236,17 +254,28 @@ _SECTIONS = {"corpus": CorpusConfig, "model": ModelConfig, "compression": Compre
 
 # The one schema both front ends share: every field of a RunConfig section is a YAML key
 # (`section.field`) and a `precompute run` flag. A field whose flag is not `--field-name` is named here.
+# A section that names a URL also takes that location's fsspec options (`storage_options`, a mapping);
+# they become RunConfig fields, outside the sections, so they never reach a manifest or a run id.
 _FLAG_NAMES = {("corpus", "url"): "--corpus", ("model", "name"): "--model", ("model", "revision"): "--model-revision",
                ("execution", "ray_address"): "--address", ("dpr", "model"): "--dpr-model",
                ("dpr", "revision"): "--dpr-revision", ("dpr", "pooling"): "--dpr-pooling",
                ("dpr", "normalize"): "--dpr-normalize", ("dpr", "question_model"): "--dpr-question-model",
                ("dpr", "dtype"): "--dpr-dtype"}
+LOCATION_OPTIONS = {("corpus", "storage_options"): ("--corpus-storage-options", "corpus_storage_options"),
+                    ("compression", "storage_options"): ("--compressor-storage-options", "compressor_storage_options")}
 
 
 def run_flags() -> dict[tuple[str, str], str]:
-    """(section, field) -> `precompute run` flag, for every field of every section."""
-    return {(name, f.name): _FLAG_NAMES.get((name, f.name), "--" + f.name.replace("_", "-"))
-            for name, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
+    """(section, field) -> `precompute run` flag, for every field of every section and every location's options."""
+    flags = {(name, f.name): _FLAG_NAMES.get((name, f.name), "--" + f.name.replace("_", "-"))
+             for name, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
+    return {**flags, **{key: flag for key, (flag, _) in LOCATION_OPTIONS.items()}}
+
+
+def _options(value: Any, where: str) -> dict[str, Any] | None:
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a mapping of fsspec options")
+    return value
 
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
@@ -267,7 +296,8 @@ def run_config_from_dict(body: dict[str, Any]) -> RunConfig:
                           f"{', '.join(_SECTIONS)}")
     if not body.get("store"):
         raise ConfigError("store: required (a local path, s3://bucket/prefix or gs://bucket/prefix)")
-    sections = {}
+    sections: dict[str, Any] = {}
+    options: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         if name == "dpr" and not body.get("dpr"):
             sections["dpr"] = None
@@ -275,10 +305,15 @@ def run_config_from_dict(body: dict[str, Any]) -> RunConfig:
         raw = body.get(name) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{name}: must be a mapping")
+        located = LOCATION_OPTIONS.get((name, "storage_options"))
+        if located:  # this location's options: a RunConfig field, kept out of the section
+            raw = dict(raw)
+            options[located[1]] = _options(raw.pop("storage_options", None), f"{name}.storage_options")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in raw.items():
             if key not in fields:
-                raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(fields)})")
+                known = [*fields, *(["storage_options"] if located else [])]
+                raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(known)})")
             expected = _expected_type(fields[key])
             if expected is None or value is None:
                 continue
@@ -291,7 +326,6 @@ def run_config_from_dict(body: dict[str, Any]) -> RunConfig:
             raise ConfigError(f"{name}: {exc}") from exc
         except ConfigError as exc:
             raise ConfigError(f"{name}.{exc}") from exc
-    opts = body.get("storage_options") or {}
-    if not isinstance(opts, dict):
-        raise ConfigError("storage_options: must be a mapping")
-    return RunConfig(store=str(body["store"]), storage_options=opts, **sections)
+    options["corpus_storage_options"] = options.get("corpus_storage_options") or {}
+    return RunConfig(store=str(body["store"]), storage_options=_options(body.get("storage_options"), "storage_options")
+                     or {}, **options, **sections)

@@ -25,7 +25,7 @@ from pipeline.config import BUNDLED_CORPUS, CorpusConfig, resolve_corpus
 from pipeline.splits import (SourceFile, Split, auto_rows_per_split, estimated_rows, plan_digest,
                              plan_splits)
 from storage.errors import UsageError
-from storage.fs import redact_url
+from storage.fs import Location, redact_url
 from storage.shards import input_schema
 
 log = logging.getLogger(__name__)
@@ -118,9 +118,10 @@ def _bad(where, offset: int, detail: str = "", problem: str = "malformed") -> Ra
     return RawRow(None, None, None, where, offset, problem, detail)
 
 
-def _list_files(url: str, fmt: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, dict[str, dict]]:
+def _list_files(where: Location, fmt: str) -> tuple[fsspec.AbstractFileSystem, dict[str, dict]]:
     """One listing: every corpus file with its size and version, in path order."""
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    url = where.url
+    fs, path = fsspec.core.url_to_fs(url, **where.options)
     if any(c in path for c in "*?["):
         found = fs.glob(path, detail=True)
     elif fs.isdir(path):
@@ -224,18 +225,22 @@ def _lines(fh, start: int, end: int, limit: int) -> Iterator[tuple[int, bytes | 
 class _Source:
     """The corpus as files: listed and planned on the driver, read split by split on workers."""
 
-    def __init__(self, cfg: CorpusConfig, storage_options: dict):
+    def __init__(self, cfg: CorpusConfig, where: Location):
         self.cfg = cfg
-        self.storage_options = storage_options
-        self.url = resolve_corpus(cfg.url)
+        self.where = where  # the corpus's own options: never the store's
+        self.url = where.url
         self._fs = None
         self._hf = None  # the loaded HF dataset, kept for every split this process reads
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         if self._fs is None:
-            self._fs = fsspec.core.url_to_fs(self.url, **self.storage_options)[0]
+            self._fs = fsspec.core.url_to_fs(self.url, **self.where.options)[0]
         return self._fs
+
+    def _unreadable(self, path: str, exc: BaseException, message: str) -> Exception:
+        """Refused credentials name the corpus and its flag; any other failure is `message`, naming the file."""
+        return self.where.refused(exc, path) or CorpusError(message)
 
     # -------------------------------------------------------------- driver side
 
@@ -244,7 +249,7 @@ class _Source:
         if self.cfg.format == "hf":
             ds = self._hf_dataset()
             return [SourceFile(self.url, 0, _hf_version(ds), "hf", rows=ds.num_rows)]
-        fs, found = _list_files(self.url, self.cfg.format, self.storage_options)
+        fs, found = _list_files(self.where, self.cfg.format)
         self._fs = fs
         out = []
         for path, info in found.items():
@@ -299,7 +304,7 @@ class _Source:
                 self._present(pf.schema_arrow.names, path)
                 return tuple(pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups))
         except (pa.ArrowInvalid, OSError) as exc:
-            raise CorpusError(f"{path}: not a readable Parquet file ({exc})") from exc
+            raise self._unreadable(path, exc, f"{path}: not a readable Parquet file ({exc})") from exc
 
     @staticmethod
     def bytes_per_row(files: list[SourceFile]) -> float:
@@ -313,7 +318,7 @@ class _Source:
         try:
             return self.fs.open(path, "rb", compression="infer")
         except (OSError, EOFError) as exc:
-            raise CorpusError(f"cannot read corpus file {path}: {exc}") from exc
+            raise self._unreadable(path, exc, f"cannot read corpus file {path}: {exc}") from exc
 
     def check_version(self, split: Split) -> None:
         """Refuse a file that changed since the plan was made: its shards would not match the run id."""
@@ -344,7 +349,7 @@ class _Source:
             with self._open(split.path) as fh:
                 yield from reader(fh, split)
         except (OSError, EOFError) as exc:
-            raise CorpusError(f"cannot read corpus file {split.path}: {exc}") from exc
+            raise self._unreadable(split.path, exc, f"cannot read corpus file {split.path}: {exc}") from exc
 
     def rows(self) -> Iterator[RawRow]:
         """Every row of every file, in order: the serial path (dry runs, updates, small tools)."""
@@ -711,14 +716,16 @@ class CorpusPlan:
 
 class Corpus:
     def __init__(self, cfg: CorpusConfig, storage_options: dict | None = None):
+        """`storage_options`: the corpus's own fsspec options (--corpus-storage-options), never the store's."""
         self.cfg = cfg
         self.storage_options = storage_options or {}
+        self.where = Location("corpus", resolve_corpus(cfg.url), self.storage_options)
         self.display_url = redact_url(cfg.url)
 
     def _source(self) -> _Source:
         """One source per Corpus: a worker reading many splits lists, opens and loads things once."""
         if getattr(self, "_src", None) is None:
-            self._src = _Source(self.cfg, self.storage_options)
+            self._src = _Source(self.cfg, self.where)
         return self._src
 
     # -------------------------------------------------------------- planning (driver)
@@ -726,17 +733,18 @@ class Corpus:
     def plan(self, rows_per_split: int | None) -> CorpusPlan:
         """Splits from one listing (plus Parquet footers); with `limit`, a serial read of that prefix only."""
         source = self._source()
-        files = source.files()
-        source.check_columns(files)
-        bpr = source.bytes_per_row(files)
-        est = estimated_rows(files, bpr)
-        if self.cfg.limit is not None:
-            est = min(est, self.cfg.limit)
-        rows = rows_per_split or auto_rows_per_split(est)
-        if self.cfg.limit is not None:
-            splits = self._limited_splits(source, files, rows)
-        else:
-            splits = plan_splits(files, rows, bpr)
+        with self.where.refusals_named():
+            files = source.files()
+            source.check_columns(files)
+            bpr = source.bytes_per_row(files)
+            est = estimated_rows(files, bpr)
+            if self.cfg.limit is not None:
+                est = min(est, self.cfg.limit)
+            rows = rows_per_split or auto_rows_per_split(est)
+            if self.cfg.limit is not None:
+                splits = self._limited_splits(source, files, rows)
+            else:
+                splits = plan_splits(files, rows, bpr)
         digest = plan_digest(splits, self.policy())
         log.info("corpus %s: %d file(s), ~%d passages, %d splits of ~%d passages", self.display_url, len(files),
                  est, len(splits), rows)
@@ -781,7 +789,10 @@ class Corpus:
 
     def read_split(self, split: Split) -> SplitRead:
         """Read, check, normalise and hash one split; duplicates inside it follow --on-duplicate."""
-        source = self._source()
+        with self.where.refusals_named(split.path):
+            return self._read_split(self._source(), split)
+
+    def _read_split(self, source: _Source, split: Split) -> SplitRead:
         source.check_version(split)
         counts = CorpusCounts()
         validate = _Validator(self.cfg, counts)
@@ -821,10 +832,11 @@ class Corpus:
 
     def _validated(self, counts: CorpusCounts) -> Iterator[tuple[int, str, str]]:
         validate = _Validator(self.cfg, counts)
-        for raw in _Source(self.cfg, self.storage_options).rows():
-            row = validate(raw)
-            if row is not None:
-                yield row
+        with self.where.refusals_named():
+            for raw in _Source(self.cfg, self.where).rows():
+                row = validate(raw)
+                if row is not None:
+                    yield row
 
     def scan(self) -> CorpusScan:
         """Validate every row in one process, write nothing: for dry runs, updates and small tools.

@@ -55,7 +55,7 @@ def _dpr_geometry(cfg: RunConfig) -> tuple[jobplan.ModelGeometry | None, str | N
 
 
 def plan_run(cfg: RunConfig, gpu: jobplan.GpuAssumptions) -> jobplan.JobPlan:
-    corpus = Corpus(cfg.corpus, cfg.storage_options)
+    corpus = Corpus(cfg.corpus, cfg.corpus_storage_options)
     scan = corpus.scan()
     if cfg.dpr is not None:
         from pipeline.run import check_index_config

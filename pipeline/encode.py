@@ -14,6 +14,7 @@ from pipeline.ingest import PrepareStage
 from pipeline.sink import ShardSink
 from pipeline.stages import EncodeStage, StageContext
 from storage.errors import find_cause
+from storage.fs import AccessRefused
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ def encode_splits(ctx: StageContext, splits: list[dict], encode_stage: type | No
         sink = ShardSink(ctx, on_complete)
         ds.write_datasink(sink, ray_remote_args={"num_cpus": ex.task_cpus})
     except Exception as exc:
-        cause = find_cause(exc, (CorpusError,), follow_context=True)
-        if cause is not None:  # a bad corpus row found by a worker: the same one-line error as on the driver
+        cause = find_cause(exc, (CorpusError, AccessRefused), follow_context=True)
+        if cause is not None:  # a bad corpus row (or refused credentials) found by a worker: one line, as on the driver
             raise cause from None
         raise
     finally:

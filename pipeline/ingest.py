@@ -25,7 +25,7 @@ class PrepareStage:
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
         self.store = ctx.store()
-        self.corpus = Corpus(ctx.corpus, ctx.storage_options) if ctx.corpus is not None else None
+        self.corpus = Corpus(ctx.corpus, ctx.corpus_storage_options) if ctx.corpus is not None else None
         self.tokenize = TokenizeStage(ctx)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -87,7 +87,7 @@ def preflight_run(cfg: RunConfig) -> bytes | None:
     data = None
     if c.compressor:
         where = redact_url(c.compressor)
-        data = read_url(c.compressor, cfg.storage_options)
+        data = read_url(cfg.compressor_location)
         check_compressor(codec_from_bytes(data, where, c.quantize, c.bits), where, c, hidden)
     if cfg.dpr is not None:
         from pipeline.dpr import embedding_dim

@@ -35,7 +35,7 @@ from pipeline.tokenize import model_max_length
 from storage import manifest as mf
 from storage import tombstones
 from storage.errors import find_cause
-from storage.fs import Store, read_url, redact_url, sha256_bytes
+from storage.fs import AccessRefused, Store, read_url, redact_url, sha256_bytes
 from storage.shards import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,10 @@ def _fit_sample(cfg: RunConfig, plan: CorpusPlan) -> tuple[list[int], list[str],
     picks = sample_splits(len(plan.splits))
     task = ray.remote(num_cpus=cfg.execution.task_cpus)(fit_sample_task)
     try:
-        parts = ray.get([task.remote(cfg.corpus, cfg.storage_options, plan.splits[k].to_dict(),
+        parts = ray.get([task.remote(cfg.corpus, cfg.corpus_storage_options, plan.splits[k].to_dict(),
                                      cfg.compression.fit_sample) for k in picks])
     except Exception as exc:
-        cause = find_cause(exc, (CorpusError,), follow_context=True)
+        cause = find_cause(exc, (CorpusError, AccessRefused), follow_context=True)
         if cause is not None:  # a bad row in a sampled split: the same one-line error as anywhere else
             raise cause from None
         raise
@@ -103,7 +103,7 @@ def _fit_sample(cfg: RunConfig, plan: CorpusPlan) -> tuple[list[int], list[str],
 
 
 def corpus_label(cfg: RunConfig) -> str:
-    return Corpus(cfg.corpus, cfg.storage_options).display_url
+    return Corpus(cfg.corpus, cfg.corpus_storage_options).display_url
 
 
 def _obtain_compressor(cfg: RunConfig, store: Store, plan: CorpusPlan, revision: str,
@@ -113,7 +113,7 @@ def _obtain_compressor(cfg: RunConfig, store: Store, plan: CorpusPlan, revision:
     `given`: the --compressor file's bytes as preflight read them (checked there against the model)."""
     c = cfg.compression
     if c.compressor:
-        data = given if given is not None else read_url(c.compressor, cfg.storage_options)
+        data = given if given is not None else read_url(cfg.compressor_location)
         where = redact_url(c.compressor)
         check_compressor(codec_from_bytes(data, where, c.quantize, c.bits), where, c, None)
         sha = sha256_bytes(data)
@@ -201,7 +201,7 @@ def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
     """Encode and commit. `encode_stage` exists so tests can inject a worker that dies mid-run."""
     t_start = time.perf_counter()
     compressor_bytes = preflight_run(cfg)
-    corpus = Corpus(cfg.corpus, cfg.storage_options)
+    corpus = Corpus(cfg.corpus, cfg.corpus_storage_options)
     log.info("phase: plan (listing %s)", corpus.display_url)
     plan = corpus.plan(cfg.execution.shard_size)
     check_index_config(cfg, plan.estimated_rows)
@@ -214,7 +214,8 @@ def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
     prep = prepare(cfg, store, compressor, None, revision)
     policy = {"on_too_long": cfg.model.on_too_long, "rows_per_split": plan.rows_per_split}
     run_id = digest({"fingerprint": prep.fingerprint, "corpus": plan.digest, "policy": policy})
-    ctx = dataclasses.replace(prep.ctx, run_dir=f"runs/{run_id}", corpus=cfg.corpus)
+    ctx = dataclasses.replace(prep.ctx, run_dir=f"runs/{run_id}", corpus=cfg.corpus,
+                              corpus_storage_options=cfg.corpus_storage_options)
 
     n = len(plan.splits)
     resumed = finished_markers(store, cfg.storage_options, ctx.run_dir, n, cfg.execution.task_cpus)

@@ -89,7 +89,8 @@ class StageContext:
     dpr: DprConfig | None = None
     dpr_shares_tokens: bool = True  # same vocabulary: the DPR pass reuses the token ids
     corpus: CorpusConfig | None = None  # where PrepareStage reads splits from (None: staged input slices)
-    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # the store's
+    corpus_storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # the corpus's own
 
     def store(self) -> Store:
         return Store(self.store_url, self.storage_options)

@@ -173,7 +173,7 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
     t0 = time.perf_counter()
     check_states(cfg.model, cfg.execution.attention)  # before Ray starts: a model computed wrongly is refused
     store = Store(cfg.store, cfg.storage_options)
-    corpus = Corpus(cfg.corpus, cfg.storage_options)
+    corpus = Corpus(cfg.corpus, cfg.corpus_storage_options)
     stage_key = {"parent": mf.latest_version(store), "corpus": dataclasses.asdict(cfg.corpus),
                  "size": cfg.execution.shard_size}
     stage_dir = f"runs/update-stage-{digest(stage_key)}"  # rows to encode, staged while the corpus is compared

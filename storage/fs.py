@@ -10,13 +10,15 @@ import logging
 import os
 import posixpath
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 
-from storage.errors import OperationFailed, UsageError
+from storage.errors import OperationFailed, PrecomputeError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,7 @@ def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> N
     try:
         fs.pipe_file(probe, b"probe")
     except Exception as exc:  # noqa: BLE001 - every backend raises its own types; all mean "cannot write here"
-        name = type(exc).__name__
-        if name in ("NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError", "DefaultCredentialsError"):
+        if _no_credentials(exc):
             hint = ("no credentials found: set them in the environment (e.g. AWS_ACCESS_KEY_ID and "
                     "AWS_SECRET_ACCESS_KEY), a profile, or an instance role")
         elif isinstance(exc, PermissionError):
@@ -65,8 +66,8 @@ def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> N
         elif isinstance(exc, FileNotFoundError):
             hint = "the bucket does not exist"
         else:
-            hint = f"{name}: {_scrub(str(exc), url)}"
-        raise UsageError(f"store {shown} is not writable: {hint}") from exc
+            hint = f"{type(exc).__name__}: {_scrub(str(exc), url)}"
+        raise UsageError(f"store {shown} is not writable: {hint} (check {OPTION_FLAGS['store']})") from exc
     try:
         fs.rm(probe)
     except OSError as exc:  # write-only credentials (or a WORM bucket) can still run; the probe stays
@@ -80,21 +81,23 @@ def _scrub(text: str, url: str) -> str:
     return first.replace(str(url), redact_url(str(url))) if url else first
 
 
-def read_url(url: str, storage_options: dict[str, Any] | None = None, limit: int = 1 << 30) -> bytes:
-    """A whole small file outside any store (a compressor given by URL), with the run's storage options."""
-    shown = redact_url(str(url))
-    try:
-        fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
-        size = fs.size(path)
-        if size is not None and size > limit:
-            raise UsageError(f"{shown} is {size:,} bytes, more than the {limit:,} expected")
-        return fs.cat_file(path)
-    except FileNotFoundError as exc:
-        raise UsageError(f"{shown}: no such file") from exc
-    except PermissionError as exc:
-        raise UsageError(f"{shown}: permission denied") from exc
-    except (OSError, ValueError, TypeError) as exc:
-        raise UsageError(f"{shown}: cannot read it ({type(exc).__name__}: {_scrub(str(exc), url)})") from exc
+def read_url(where: Location, limit: int = 1 << 30) -> bytes:
+    """A whole small file outside any store (a compressor given by URL), with its own location's options."""
+    shown = where.display_url
+    with where.refusals_named():
+        try:
+            fs, path = fsspec.core.url_to_fs(where.url, **where.options)
+            size = fs.size(path)
+            if size is not None and size > limit:
+                raise UsageError(f"{where.role}: {shown} is {size:,} bytes, more than the {limit:,} expected")
+            return fs.cat_file(path)
+        except FileNotFoundError as exc:
+            raise UsageError(f"{where.role}: {shown}: no such file") from exc
+        except PermissionError:
+            raise  # named by refusals_named
+        except (OSError, ValueError, TypeError) as exc:
+            raise UsageError(f"{where.role}: {shown}: cannot read it "
+                             f"({type(exc).__name__}: {_scrub(str(exc), where.url)})") from exc
 
 
 def write_url(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
@@ -122,6 +125,71 @@ def redact_url(url: str) -> str:
             host = f"{host}:{parts.port}"
         parts = parts._replace(netloc=host)
     return urlunsplit(parts)
+
+
+# Where a user sets each location's fsspec options (the job files' keys are the same names: see README).
+OPTION_FLAGS = {"store": "--storage-options", "corpus": "--corpus-storage-options",
+                "compressor": "--compressor-storage-options"}
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError", "DefaultCredentialsError")
+
+
+def _no_credentials(exc: BaseException) -> bool:
+    return type(exc).__name__ in _NO_CREDENTIALS
+
+
+class AccessRefused(UsageError):
+    """A backend refused a location's credentials (or found none): one line naming the location and its flag."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """One place a run reads or writes (the store, the corpus, a compressor file) with the fsspec options
+    for it alone, so one location's credentials are never handed to another's filesystem.
+
+    The options never appear in a repr, a log line or a message; errors name the role, the URL
+    (without user:password@) and the flag that holds the options."""
+    role: str
+    url: str
+    options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.role not in OPTION_FLAGS:
+            raise ValueError(f"unknown location role {self.role!r}")
+        if not isinstance(self.options, dict):
+            raise UsageError(f"{self.role}: {OPTION_FLAGS[self.role]} must be a mapping of fsspec options")
+
+    def __repr__(self) -> str:
+        return f"Location({self.role}, {self.display_url!r})"
+
+    @property
+    def display_url(self) -> str:
+        return redact_url(str(self.url))
+
+    def refused(self, exc: BaseException, url: str | None = None) -> AccessRefused | None:
+        """The backend's "no" (no credentials, access denied) as one line naming this location, else None."""
+        shown = redact_url(str(url or self.url))
+        flag = OPTION_FLAGS[self.role]
+        if _no_credentials(exc):
+            return AccessRefused(f"{self.role}: no credentials found for {shown} (check {flag}, the environment, "
+                                 f"a profile or an instance role; {{\"anon\": true}} for a public bucket)")
+        if isinstance(exc, PermissionError):
+            local = "://" not in shown or shown.startswith("file://")
+            return AccessRefused(f"{self.role}: access denied for {shown} "
+                                 f"({'check the file permissions' if local else f'check {flag}'})")
+        return None
+
+    @contextmanager
+    def refusals_named(self, url: str | None = None) -> Iterator[None]:
+        """Inside: a refusal by the backend becomes this location's one-line error; anything else passes."""
+        try:
+            yield
+        except PrecomputeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - botocore/gcsfs raise their own types; only refusals are rewritten
+            err = self.refused(exc, url)
+            if err is None:
+                raise
+            raise err from exc
 
 
 @dataclass(frozen=True)

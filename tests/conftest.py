@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # boto never asks a metadata service for credentials
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_TSV = REPO / "pipeline" / "sample" / "wiki_passages_2k.tsv"
@@ -90,37 +93,79 @@ def first_passages(n: int, tsv: Path = SAMPLE_TSV) -> list[tuple[int, str, str]]
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's real S3 HTTP server on 127.0.0.1, reached through s3fs (as s3fs's own tests do)."""
-    import socket
-
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def s3_server_process():
+    """moto's S3 server in a process of its own: two of them share no buckets (one process's are global)."""
+    import socket
+    import subprocess
+    import sys
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):  # it listens after its imports: a few seconds on a busy machine
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with {proc.returncode}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("moto server did not start listening")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 S3_KEY, S3_SECRET = "AKIATESTONLY0000KEY", "test-secret-never-logged-3fa9c"
 
 
-def s3_options(endpoint: str) -> dict:
-    return {"key": S3_KEY, "secret": S3_SECRET, "endpoint_url": endpoint,
-            "client_kwargs": {"region_name": "us-east-1"}}
+def s3_options(endpoint: str, key: str = S3_KEY, secret: str = S3_SECRET) -> dict:
+    return {"key": key, "secret": secret, "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}
 
 
-@pytest.fixture
-def s3_bucket(s3_server, request):
+def make_bucket(endpoint: str, key: str = S3_KEY, secret: str = S3_SECRET, objects: dict | None = None,
+                policy: dict | None = None) -> str:
+    """A fresh bucket on the server at `endpoint`, made with boto3 as `key`, holding `objects` (name -> bytes),
+    under a bucket `policy` whose "{b}" stands for the bucket's name."""
+    import json
     import uuid
 
     import boto3
 
     name = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET,
-                 region_name="us-east-1").create_bucket(Bucket=name)
-    return f"s3://{name}/store", s3_options(s3_server)
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
+                          region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    for obj, body in (objects or {}).items():
+        client.put_object(Bucket=name, Key=obj, Body=body)
+    if policy is not None:
+        client.put_bucket_policy(Bucket=name, Policy=json.dumps(policy).replace("{b}", name))
+    return name
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    return f"s3://{make_bucket(s3_server)}/store", s3_options(s3_server)
 
 
 @pytest.fixture(params=["local", "s3"])

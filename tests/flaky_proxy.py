@@ -12,7 +12,8 @@ _ERROR = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
 
 class FlakyProxy:
     """Every `drop_request_every`-th request gets a 503 without reaching the server; every
-    `drop_response_every`-th is forwarded and then answered 503 (the client cannot know it landed)."""
+    `drop_response_every`-th is forwarded and then answered 503 (the client cannot know it landed).
+    0 never drops. `requests` records (method, path, Authorization header) of each: who asked for what."""
 
     def __init__(self, upstream: str, drop_request_every: int = 7, drop_response_every: int = 11):
         up = urlsplit(upstream)
@@ -20,6 +21,7 @@ class FlakyProxy:
         self.every = (drop_request_every, drop_response_every)
         self.count = 0
         self.injected = 0
+        self.requests: list[tuple[str, str, str]] = []
         self.lock = threading.Lock()
         proxy = self
 
@@ -35,8 +37,9 @@ class FlakyProxy:
                 with proxy.lock:
                     proxy.count += 1
                     n = proxy.count
-                before = n % proxy.every[0] == 0
-                after = n % proxy.every[1] == 0
+                    proxy.requests.append((self.command, self.path, self.headers.get("Authorization", "")))
+                before = bool(proxy.every[0]) and n % proxy.every[0] == 0
+                after = bool(proxy.every[1]) and n % proxy.every[1] == 0
                 if before:
                     return self._fail()
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=30)

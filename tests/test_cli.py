@@ -118,6 +118,10 @@ def test_storage_and_update_jobs_check_their_keys(tmp_path, capsys):
     assert update_job.main(["--config", str(up)]) == 2  # corpus: required
     up.write_text(f"store: {tmp_path / 'nostore'}\ncorpus: c.tsv\nrebuild_fraction: 0.1\n")
     assert update_job.main(["--config", str(up), "--dry-run"]) == 1  # no version to update yet: said clearly
+    from jobs.jobfile import flags
+    argv = flags({"corpus_storage_options": {"anon": True}}, update_job.JOB.flags)
+    assert argv == ["--corpus-storage-options", '{"anon": true}']
+    assert build_parser().parse_args(["update", "--store", "s", "--corpus", "c", *argv]).corpus_storage_options == argv[1]
 
 
 def test_jobplan_arithmetic():
@@ -264,6 +268,15 @@ def test_every_job_key_is_a_run_flag_and_every_run_flag_a_job_key():
                          "attention": "packed", "compile": True},
            "corpus": {"max_field_bytes": 4096, "title_column": ""}, "compression": {"bits": 5.25}}
     assert run_config_from_dict(run_body(build_parser().parse_args(argv))) == run_config_from_dict(job)
+    # each location's options (kept out of equality, like the store's): the same through either front end
+    argv = ["run", "--store", "s", "--storage-options", '{"key": "k"}', "--corpus-storage-options", '{"anon": true}',
+            "--compressor", "gs://m/c", "--compressor-storage-options", '{"token": "t"}']
+    job = {"store": "s", "storage_options": {"key": "k"}, "corpus": {"storage_options": {"anon": True}},
+           "compression": {"compressor": "gs://m/c", "storage_options": {"token": "t"}}}
+    for cfg in (run_config_from_dict(run_body(build_parser().parse_args(argv))), run_config_from_dict(job)):
+        assert (cfg.storage_options, cfg.corpus_storage_options, cfg.compressor_location.options) == (
+            {"key": "k"}, {"anon": True}, {"token": "t"})
+    assert cli(["run", "--store", "s", "--corpus-storage-options", "[1]"]) == 2
 
 
 def test_attention_and_compile_settings_are_checked_before_anything_starts():

@@ -1,5 +1,7 @@
 """Injected faults against real components: a dying Ray worker, a SIGKILLed driver, a flaky S3."""
+import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,7 +19,7 @@ from pipeline.run import run
 from pipeline.stages import EncodeStage
 from storage import manifest as mf
 from storage.fs import Store
-from tests.conftest import REPO, S3_SECRET
+from tests.conftest import REPO, S3_SECRET, make_bucket, s3_options
 from tests.flaky_proxy import FlakyProxy
 
 pytestmark = pytest.mark.ray
@@ -112,10 +114,27 @@ def test_driver_sigkill_then_rerun_equals_an_uninterrupted_run(ray_local, tmp_pa
     assert mf.load(store).counts == mf.load(Store(reference)).counts
 
 
-def test_s3_end_to_end_run_lookup_verify_gc_without_leaking_credentials(ray_local, s3_bucket, tiny_model,
+CORPUS_SECRET, CODEC_SECRET = "corpus-secret-never-logged-5b1e", "codec-secret-never-logged-c07a"
+
+
+def test_s3_end_to_end_run_lookup_verify_gc_without_leaking_credentials(ray_local, s3_server, s3_bucket, tiny_model,
                                                                         sample_tsv, tmp_path, caplog):
+    """Three locations, three sets of credentials (corpus, compressor file, store): none is stored or logged."""
+    caplog.set_level(logging.INFO)
     url, opts = s3_bucket
-    summary = run(_cfg(url, tiny_model, sample_tsv, opts))
+    corpus_opts = s3_options(s3_server, "AKIACORPUSONLY000KEY", CORPUS_SECRET)
+    codec_opts = s3_options(s3_server, "AKIACODECONLY0000KEY", CODEC_SECRET)
+    corpus = f"s3://{make_bucket(s3_server, objects={'c.tsv': sample_tsv.read_bytes()})}/c.tsv"
+    codec = tmp_path / "codec.safetensors"
+    assert cli(["fit-compressor", "--corpus", corpus, "--corpus-storage-options", json.dumps(corpus_opts),
+                "--limit", str(N_PASSAGES), "--model", tiny_model, "--layers", "2", "--dims", "8", "--sample", "64",
+                "--out", str(codec)]) == 0
+    codec_url = f"s3://{make_bucket(s3_server, objects={'c.safetensors': codec.read_bytes()})}/c.safetensors"
+    base = _cfg(url, tiny_model, sample_tsv, opts)
+    cfg = dataclasses.replace(base, corpus=dataclasses.replace(base.corpus, url=corpus),
+                              compression=dataclasses.replace(base.compression, compressor=codec_url),
+                              corpus_storage_options=corpus_opts, compressor_storage_options=codec_opts)
+    summary = run(cfg)
     assert summary.written == N_PASSAGES and summary.store == url
     args = ["--store", url, "--storage-options", json.dumps(opts)]
     out = tmp_path / "s.npz"
@@ -126,9 +145,11 @@ def test_s3_end_to_end_run_lookup_verify_gc_without_leaking_credentials(ray_loca
     store = Store(url, opts)
     assert not store.walk_files("runs/" + summary.run_id + "/input")  # staging inputs collected
     assert cli(["verify", *args]) == 0
-    for f in store.walk_files():  # no object anywhere holds the secret
-        assert S3_SECRET.encode() not in store.read_bytes(f.path), f.path
-    assert S3_SECRET not in caplog.text
+    for f in store.walk_files():  # no object anywhere holds a secret
+        for secret in (S3_SECRET, CORPUS_SECRET, CODEC_SECRET):
+            assert secret.encode() not in store.read_bytes(f.path), f.path
+    for secret in (S3_SECRET, CORPUS_SECRET, CODEC_SECRET):
+        assert secret not in caplog.text
 
 
 def test_transient_s3_errors_are_retried_and_nothing_is_lost_or_duplicated(ray_local, s3_server, s3_bucket,
