@@ -50,11 +50,12 @@ class Geometry:
     label: str
     layers: int
     dims: int
-    bert_base: bool  # random BERT-base weights (time only); else the bundled MiniLM
+    weights: str  # "minilm": the bundled MiniLM; "random-bert-base": time only; "mpnet": real 768-wide, 12 layers
 
 
-GEOMETRIES = {"minilm-3-3": Geometry("minilm-3-3", 3, 96, False),
-              "bert-base-5-7": Geometry("bert-base-5-7", 5, 192, True)}
+GEOMETRIES = {"minilm-3-3": Geometry("minilm-3-3", 3, 96, "minilm"),
+              "bert-base-5-7": Geometry("bert-base-5-7", 5, 192, "random-bert-base"),
+              "mpnet-5-7": Geometry("mpnet-5-7", 5, 192, "mpnet")}  # benchmarks.fetch_mpnet, fetched on first use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +71,10 @@ class BenchConfig:
 
 
 def model_path(g: Geometry, tmp: Path, vocab_from: str | None = None) -> str:
-    if not g.bert_base:
+    if g.weights == "mpnet":
+        from benchmarks.fetch_mpnet import DEFAULT_CACHE, fetch
+        return str(fetch(DEFAULT_CACHE))
+    if g.weights == "minilm":
         return resolve_model(BUNDLED_MODEL)
     return bert_base_checkpoint(tmp / "bert-base", vocab_from)
 
