@@ -18,6 +18,7 @@ from pipeline.config import (
     ModelConfig,
     RunConfig,
 )
+from storage.estimate import PER_PASSAGE_BYTES, TOKEN_ID_BYTES
 
 log = logging.getLogger("precompute")
 
@@ -329,15 +330,13 @@ def cmd_gc(a) -> int:
 
 
 def cmd_estimate(a) -> int:
-    from storage.estimate import PRICE_TIERS, Assumptions, estimate, render
+    from storage.estimate import PRICE_TIERS, Assumptions, default_zstd_ratio, estimate, render
 
     from pipeline.codec import planned_layout
 
     tpp, ratio = a.tokens_per_passage, a.zstd_ratio
     if a.sample_corpus:
         tpp, ratio = _measure_sample(a, tpp, ratio)
-    if ratio is None:
-        ratio = 1.0
     if a.codec == "pq" and (a.pq_m < 1 or (a.dims or a.hidden) % a.pq_m):
         raise ConfigError(f"--pq-m {a.pq_m} must be a positive divisor of the stored dims {a.dims or a.hidden}")
     layout = planned_layout(a.codec, a.dims or (192 if a.codec == "linear" else a.hidden),
@@ -345,6 +344,8 @@ def cmd_estimate(a) -> int:
     fields = layout.estimate_fields(a.bits)
     if a.codec == "linear" and layout.scaled:
         fields["scale_bytes"] = a.scale_bytes
+    if ratio is None:
+        ratio = default_zstd_ratio(fields["bits"], a.bitpacked, compressible=a.codec == "linear")
     try:
         assumptions = Assumptions(
             passages=a.passages, tokens_per_passage=tpp, hidden=a.hidden, **fields,
@@ -785,8 +786,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_codec(es)
     es.add_argument("--bits", type=float, default=8, help="2..8 quantised, 16 = float16")
     es.add_argument("--bitpacked", action="store_true", help="k-bit codes packed densely (default: int8 containers)")
-    es.add_argument("--zstd-ratio", type=float, default=None, help="raw/stored code bytes (default 1.0, or measured "
-                    "with --sample-corpus)")
+    es.add_argument("--zstd-ratio", type=float, default=None, help="raw/stored code bytes (default: measured with "
+                    "--sample-corpus, else what a real 768-wide store measured at this bit width: 1.147 at 8 bits, "
+                    "1.0 for PQ or bit-packed codes)")
     es.add_argument("--sample-corpus", default=None, help="measure tokens/passage (and the zstd ratio) on this corpus")
     _add_corpus_options(es)
     _add_column_map(es)
@@ -794,8 +796,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--model", default=BUNDLED_MODEL, help="model for --sample-corpus measurements")
     es.add_argument("--layers", type=int, default=3)
     es.add_argument("--scale-bytes", type=float, default=2.0)
-    es.add_argument("--token-id-bytes", type=float, default=2.0)
-    es.add_argument("--per-passage-bytes", type=float, default=40.0)
+    es.add_argument("--token-id-bytes", type=float, default=TOKEN_ID_BYTES, help="default: as measured (%(default)s)")
+    es.add_argument("--per-passage-bytes", type=float, default=PER_PASSAGE_BYTES, help="default: as measured (%(default)s)")
     es.add_argument("--container-overhead", type=float, default=0.005)
     es.add_argument("--dpr-dim", type=int, default=768, help="DPR embedding dims stored beside (0 = none)")
     es.add_argument("--index-bytes-per-vector", type=float, default=0.0, help="FAISS index bytes per vector")

@@ -55,16 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-NOTE = "tokens per passage and zstd ratio are assumptions here; the encode job's --dry-run measures tokens on the corpus"
+NOTE = "tokens per passage and zstd ratio are assumptions here (the zstd ratio unless given: a real 768-wide store's); the encode job's --dry-run measures tokens on the corpus"
 
 
 def _plan(body: dict):
     """Encode plan from the job's assumptions alone: BERT geometry (FFN = 4 x hidden), no corpus read."""
     from pipeline.jobplan import ModelGeometry, encode_plan
-    from storage.estimate import Assumptions, estimate
+    from storage.estimate import Assumptions, default_zstd_ratio, estimate
 
     keys = ("passages", "tokens_per_passage", "hidden", "dims", "bits", "zstd_ratio", "dpr_dim")
-    a = Assumptions(**{k: body[k] for k in keys if body.get(k) is not None})
+    given = {k: body[k] for k in keys if body.get(k) is not None}
+    given.setdefault("zstd_ratio", default_zstd_ratio(given.get("bits", Assumptions.bits)))
+    a = Assumptions(**given)
     hidden = a.hidden
     e = estimate(a)
     return encode_plan("encode (from assumptions)", a.passages, body.get("shard_size") or 1000, a.tokens_per_passage,

@@ -16,6 +16,24 @@ PRICE_TIERS = {
 }
 
 
+# What `estimate` assumes when nothing was measured: the figures of a real store at the paper's geometry
+# (all-mpnet-base-v2, 768 wide, lower 5 of 12 layers, PCA-192, the bundled sample; BENCHMARKS.md, "Paper
+# geometry, real weights"). zstd ratio on linear codes by bit width, from `precompute report` on that model
+# (reports/paper_geometry/table4: 8 bits 1.147, also what `validate` measured on the whole store).
+MEASURED_ZSTD_RATIO = {16: 1.075, 8: 1.147, 5.25: 1.918}
+TOKEN_ID_BYTES = 2.31      # uint16 ids + list offsets, as Parquet stores them (validate: 2.311)
+PER_PASSAGE_BYTES = 22.0   # id, hash, n_tokens, offsets (validate: 0.185 B/token x 120.6 tokens/passage)
+
+
+def default_zstd_ratio(bits: float, bitpacked: bool = False, compressible: bool = True) -> float:
+    """The measured ratio at the nearest measured width with no fewer bits (fewer bits compress better,
+    so this never flatters); 1.0 for codes zstd cannot shrink (bit-packed, PQ indices)."""
+    if bitpacked or not compressible:
+        return 1.0
+    widths = sorted(w for w in MEASURED_ZSTD_RATIO if w >= bits)
+    return MEASURED_ZSTD_RATIO[widths[0]] if widths else 1.0
+
+
 @dataclass(frozen=True)
 class Assumptions:
     passages: int = 32_000_000
@@ -26,8 +44,8 @@ class Assumptions:
     bitpacked: bool = False          # False: k-bit codes in int8 containers (zstd removes most slack)
     zstd_ratio: float = 1.0          # raw code bytes / stored code bytes, measured or assumed
     scale_bytes: float = 2.0         # per token, float16 absmax scale (0 when unquantised)
-    token_id_bytes: float = 2.0      # per token, uint16 ids (before Parquet's own compression)
-    per_passage_bytes: float = 40.0  # id, content hash, n_tokens, list offsets
+    token_id_bytes: float = TOKEN_ID_BYTES   # per token, uint16 ids and their list offsets
+    per_passage_bytes: float = PER_PASSAGE_BYTES
     container_overhead: float = 0.005  # Parquet pages, footers, manifest: fraction of data bytes
     dpr_dim: int = 768
     dpr_bytes_per_value: float = 2.0  # float16 embeddings
