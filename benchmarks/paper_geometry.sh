@@ -3,7 +3,7 @@
 # all-mpnet-base-v2, fetched from the package index), split 5-7, 192 dims int8, on the bundled sample.
 # Every figure of BENCHMARKS.md's "Paper geometry, real weights" comes from here; JSON lands in
 # reports/paper_geometry/. Steps can be picked:
-# bash benchmarks/paper_geometry.sh [store|fidelity|update|table1|table4|runtime]...
+# bash benchmarks/paper_geometry.sh [store|fidelity|update|lossless|table1|table4|runtime]...
 #
 #   bash benchmarks/paper_geometry.sh                 # everything (~1.5 h on a 2-core VM)
 #   WORK=/tmp/mp bash benchmarks/paper_geometry.sh store
@@ -58,6 +58,21 @@ EOF
   python -m benchmarks.stored_vs_model --store "$WORK/store_u" --ids 50,100,2310,2333 \
       --json "$OUT/mpnet_update_vs_model.json"
   ;;
+lossless)
+  # a full-rank PCA (an orthonormal rotation) in float16: what lookup returns must be the model's own states;
+  # the same on the commit before the guard (e074434) reproduces the bug: the relative position bias dropped
+  precompute fit-compressor --model "$MP" --layers 5 --dims 768 --out "$WORK/pca768.safetensors"
+  rm -rf "$WORK/store_lossless" "$WORK/store_lossless_before"
+  precompute run --store "$WORK/store_lossless" --model "$MP" --layers 5 --dims 768 --quantize none \
+      --compressor "$WORK/pca768.safetensors" --limit 120
+  python -m benchmarks.stored_vs_model --store "$WORK/store_lossless" --ids 1,2,3,50,100 \
+      --json "$OUT/mpnet_store_lossless_vs_model.json"
+  git worktree add -f "$WORK/before_guard" e074434 >/dev/null 2>&1 || true
+  (cd "$WORK/before_guard" && PYTHONPATH=. python -m jobs.cli run --store "$WORK/store_lossless_before" \
+      --model "$MP" --layers 5 --dims 768 --quantize none --compressor "$WORK/pca768.safetensors" --limit 120)
+  python -m benchmarks.stored_vs_model --store "$WORK/store_lossless_before" --ids 1,2,3,50,100 \
+      --json "$OUT/mpnet_store_lossless_vs_model_before_guard.json"
+  ;;
 table1)
   # the split axis: 192 dims int8 for splits 3-9 .. 9-3
   for L in 3 4 5 6 7 8 9; do
@@ -74,6 +89,6 @@ runtime)
       --out "$OUT/runtime_cpu.json" --details "$OUT/runtime_cpu_details.json"
   python -m benchmarks.runtime --report --out "$OUT/runtime_cpu.json" --details "$OUT/runtime_cpu_details.json"
   ;;
-*) echo "unknown step $step (store, fidelity, update, table1, table4, runtime)" >&2; exit 2 ;;
+*) echo "unknown step $step (store, fidelity, update, lossless, table1, table4, runtime)" >&2; exit 2 ;;
 esac
 done

@@ -598,6 +598,10 @@ def _update_config(a) -> RunConfig:
     body["storage_options"] = opts
     body["corpus"]["url"] = a.corpus
     body["corpus"]["storage_options"] = _storage_options(a.corpus_storage_options, "--corpus-storage-options")
+    if body["corpus"].get("limit") is not None:  # a trial run's --limit must not hide the rest of a new corpus
+        log.info("version %s was written with --limit %d; the update reads the whole corpus", parent.version,
+                 body["corpus"]["limit"])
+        body["corpus"]["limit"] = None
     body["compression"]["compressor"] = None  # an update always reuses the parent's compressor artifact
     body["execution"]["ray_address"] = a.address or None
     for section, key, value in (("model", "name", a.model), ("model", "layers", a.layers),

@@ -1,4 +1,5 @@
 """Incremental reindexing on the 2,333-passage sample (tiny model: logic, not statistics)."""
+import dataclasses
 import sys
 
 import cloudpickle
@@ -259,3 +260,15 @@ def test_diff_corpus_on_workers_handles_unordered_ids_and_duplicates_across_spli
     ordered, _ = diff_corpus(Corpus(CorpusConfig(url=str(write_tsv(tmp_path / "o.tsv", sorted(set(rows[:7]) | {rows[8]}))))),
                              3, parent_ids, parent_hashes)
     assert ordered.ids.tolist() == [1, 2, 3, 4, 5, 7, 8, 9] and not ordered.drop
+
+
+def test_an_update_reads_the_whole_corpus_whatever_the_parents_limit(ray_local, tmp_path, tiny_model, capsys):
+    """A trial run's --limit is recorded in the version's config; the update must not inherit it."""
+    rows = first_passages(60)
+    corpus = write_tsv(tmp_path / "c.tsv", rows)
+    cfg = _cfg(tmp_path / "store", corpus, tiny_model)
+    run(dataclasses.replace(cfg, corpus=dataclasses.replace(cfg.corpus, limit=40),
+                            compression=dataclasses.replace(cfg.compression, fit_sample=20)))
+    assert len(StateReader(Store(str(tmp_path / "store"))).ids()) == 40
+    assert cli(["update", "--store", str(tmp_path / "store"), "--corpus", str(corpus), "--dry-run"]) == 0
+    assert "new 20, changed 0, deleted 0, unchanged 40" in capsys.readouterr().out
