@@ -81,7 +81,7 @@ def fetch_latency(urls: dict[str, str], k: int, calls: int) -> dict[str, dict]:
             enc = r.get_encoded(pick)
             t2 = time.perf_counter()
             for e in enc.values():
-                r.codec.decode(e.codes, e.scales)
+                r.codec.decode(e.codes, e.scales, e.side)
             t3 = time.perf_counter()
             if len(got) != k:
                 raise RuntimeError(f"{name}: asked for {k} passages, got {len(got)}")

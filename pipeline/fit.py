@@ -15,7 +15,7 @@ from pipeline.config import CompressionConfig, ConfigError, ModelConfig
 from pipeline.corpus import Corpus
 from pipeline.encoder import LayeredEncoder, pad_batch, token_budget_batches
 from pipeline.pqfit import PQFit, fit_pq
-from pipeline.sideinfo import RidgeAccumulator, SideInfo, StaticEmbedding
+from pipeline.sideinfo import Prediction, RidgeAccumulator, SideInfo, StaticEmbedding
 from pipeline.sample import held_out, random_rows, rows_at
 from pipeline.tokenize import PairTokenizer, model_max_length
 
@@ -56,31 +56,41 @@ def _lower_states(model: ModelConfig, titles: list[str], texts: list[str], max_l
     return out
 
 
-def fit_residual(fit: FitStates, compression: CompressionConfig, model_name: str,
-                 metadata: dict[str, str] | None = None) -> Codec:
-    """`--residual embeddings`: ridge map from the static embedding to the state (closed form), then the inner
-    codec (`compression` without the residual) fitted on what the map leaves."""
-    from pipeline.codec import ResidualCodec
+def fit_prediction(model, sides: list[SideInfo], states: list[np.ndarray], sep_id: int, model_name: str,
+                   types: list[np.ndarray] | None = None) -> tuple[Prediction, dict[str, str], list[np.ndarray]]:
+    """The static-embedding prediction of these states (ridge, closed form) and what it leaves per batch.
 
-    if not fit.states:
+    `model`: the loaded base model, whose embedding tables are copied and checked; `types`: the tokenizer's
+    token types, only to say when the ones derived from the ids differ."""
+    if not states:
         raise ConfigError("no passages to fit the codec on")
-    table = StaticEmbedding.from_model(fit.encoder.model, fit.sep_id, model_name)
-    table.check_against(fit.encoder.model, fit.sides[0], model_name)
-    derived = np.concatenate([s.segments(fit.sep_id) for s in fit.sides])
-    if table.token_type is not None and table.token_type.shape[0] > 1 and \
-            not np.array_equal(derived, np.concatenate(fit.types)):
-        log.warning("token types derived from the ids differ from the tokenizer's for %.2f%% of the fit tokens: the "
-                    "prediction uses the derived ones at encode and decode alike",
-                    100 * float(np.mean(derived != np.concatenate(fit.types))))
-    ridge = RidgeAccumulator(table.width, fit.states[0].shape[1])
-    embedded = [table.compute(side) for side in fit.sides]
-    for e, h in zip(embedded, fit.states):
+    table = StaticEmbedding.from_model(model, sep_id, model_name)
+    table.check_against(model, sides[0], model_name)
+    if types is not None and table.token_type is not None and table.token_type.shape[0] > 1:
+        derived, given = np.concatenate([s.segments(sep_id) for s in sides]), np.concatenate(types)
+        if not np.array_equal(derived, given):
+            log.warning("token types derived from the ids differ from the tokenizer's for %.2f%% of the fit tokens: "
+                        "the prediction uses the derived ones at encode and decode alike",
+                        100 * float(np.mean(derived != given)))
+    ridge = RidgeAccumulator(table.width, states[0].shape[1])
+    embedded = [table.compute(side) for side in sides]
+    for e, h in zip(embedded, states):
         ridge.update(e, h)
     prediction, stats = ridge.finish(table)
     log.info("static-embedding prediction: the residual keeps %s of the states' centred energy",
              stats["residual_energy_share"])
-    residuals = (h - (e @ prediction.weight + prediction.bias) for e, h in zip(embedded, fit.states))
-    inner = codec_from_states(residuals, dataclasses.replace(compression, residual="none"),
+    return prediction, stats, [h - (e @ prediction.weight + prediction.bias) for e, h in zip(embedded, states)]
+
+
+def fit_residual(fit: FitStates, compression: CompressionConfig, model_name: str,
+                 metadata: dict[str, str] | None = None) -> Codec:
+    """`--residual embeddings`: the prediction, then the inner codec (`compression` without the residual)
+    fitted on what it leaves."""
+    from pipeline.codec import ResidualCodec
+
+    prediction, stats, residuals = fit_prediction(fit.encoder.model, fit.sides, fit.states, fit.sep_id, model_name,
+                                                  fit.types)
+    inner = codec_from_states(iter(residuals), dataclasses.replace(compression, residual="none"),
                               {**(metadata or {}), **stats})
     return ResidualCodec(inner, prediction)
 
