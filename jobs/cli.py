@@ -673,6 +673,8 @@ def cmd_compact(a) -> int:
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
+    from storage.estimate import Assumptions  # pure Python, no I/O: its defaults are the estimate flags' defaults
+
     p = argparse.ArgumentParser(prog="precompute", description=(
         "Precompute the input component of a decoupled transformer over a passage corpus: encode with the "
         "lower N layers, compress token states, quantise, zstd-pack into versioned Parquet shards."))
@@ -803,8 +805,10 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--model", default=BUNDLED_MODEL, help="model for --sample-corpus measurements")
     es.add_argument("--layers", type=int, default=3)
     es.add_argument("--scale-bytes", type=float, default=2.0)
-    es.add_argument("--token-id-bytes", type=float, default=2.0)
-    es.add_argument("--per-passage-bytes", type=float, default=40.0)
+    es.add_argument("--token-id-bytes", type=float, default=Assumptions.token_id_bytes,
+                    help=f"stored token ids per token, as Parquet writes them (default {Assumptions.token_id_bytes:g})")
+    es.add_argument("--per-passage-bytes", type=float, default=Assumptions.per_passage_bytes,
+                    help=f"id, content hash, n_tokens per passage (default {Assumptions.per_passage_bytes:g})")
     es.add_argument("--container-overhead", type=float, default=0.005)
     es.add_argument("--dpr-dim", type=int, default=768, help="DPR embedding dims stored beside (0 = none)")
     es.add_argument("--index-bytes-per-vector", type=float, default=0.0, help="FAISS index bytes per vector")

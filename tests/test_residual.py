@@ -156,7 +156,7 @@ def _cfg(store, corpus, model, **compression):
     return RunConfig(store=str(store), corpus=CorpusConfig(url=str(corpus)),
                      model=ModelConfig(name=model, layers=LAYERS, max_length=MAX_LEN),
                      compression=CompressionConfig(fit_sample=64, **{**RESIDUAL_PQ, **compression}),
-                     execution=ExecutionConfig(shard_size=100))
+                     execution=ExecutionConfig(shard_size=1000))
 
 
 @pytest.fixture(scope="module")
