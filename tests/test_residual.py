@@ -234,8 +234,10 @@ def test_answer_decodes_through_the_codec(res_store, capsys):
         np.testing.assert_allclose(states.float().numpy(), plain[i].states, rtol=1e-4, atol=1e-4)
 
 
-def test_another_artifact_is_refused_or_starts_a_new_lineage(res_store):
-    tmp, store = res_store["tmp"], res_store["store"]
+def test_another_artifact_is_refused_or_starts_a_new_lineage(res_store, tmp_path):
+    tmp = tmp_path
+    shutil.copytree(res_store["store"].url, tmp / "store")
+    store = Store(str(tmp / "store"))
     first = mf.load(store)
     # a residual artifact fitted with other settings: another sha256, so a new fingerprint that reuses nothing
     other = tmp / "other.safetensors"
