@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.codecs import build, fetch_latency
+from benchmarks.codecs import compare_stores, fetch_args
 from benchmarks.proc import start_benchmark
 from pipeline.config import CompressionConfig
 
@@ -71,30 +68,15 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=float, default=8, help="today's default: bits (default 8)")
     p.add_argument("--pq-m", type=int, default=8, help="residual codec: OPQ sub-quantisers = code bytes per token")
     p.add_argument("--lookup-passages", type=int, default=200)
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--calls", type=int, default=200)
-    p.add_argument("--out", default=str(OUT))
-    p.add_argument("--report", action="store_true")
-    a = p.parse_args(argv)
+    a = fetch_args(p, OUT).parse_args(argv)
     if a.report:
         print(render(json.loads(Path(a.out).read_text())))
         return 0
     start_benchmark()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-residual-"))
     settings = {"default": CompressionConfig(dims=a.dims, bits=a.bits),
                 "residual": CompressionConfig(codec="pq", pq_m=a.pq_m, opq=True, residual="embeddings")}
-    rows = {name: build(str(tmp / name), c) for name, c in settings.items()}
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    for name in settings:
-        rows[name].update(lookup_fidelity(str(tmp / name), a.lookup_passages))
-    lat = fetch_latency({name: str(tmp / name) for name in settings}, a.k, a.calls)
-    data = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU", "k": a.k, "calls": a.calls,
-            "passages": rows["default"]["passages"], "tokens": rows["default"]["tokens"],
-            "command": " ".join(["python -m benchmarks.residual", *(argv if argv is not None else sys.argv[1:])]),
-            "rows": [{"name": name, **rows[name], **lat[name]} for name in settings]}
+    data = compare_stores(settings, "bench-residual-", a.k, a.calls, "python -m benchmarks.residual", argv,
+                          lambda url: lookup_fidelity(url, a.lookup_passages))
     Path(a.out).write_text(json.dumps(data, indent=1))
     print(render(data))
     return 0

@@ -25,7 +25,7 @@ from pipeline.sideinfo import SideInfo, StaticEmbedding
 from pipeline.tokenize import PairTokenizer
 from storage import manifest as mf
 from storage.fs import IntegrityError, Store
-from tests.conftest import first_passages, save_tiny_bert, write_tsv
+from tests.conftest import edited_corpus, first_passages, save_tiny_bert, write_tsv
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -166,10 +166,7 @@ def res_store(ray_local, tmp_path_factory, qa_model, tiny_model):
     a = write_tsv(tmp / "a.tsv", rows)
     changed = {r[0] for r in rows[10:15]}
     deleted = {r[0] for r in rows[30:33]}
-    b_rows = [(pid, text + " Revised ." if pid in changed else text, title)
-              for pid, text, title in rows if pid not in deleted]
-    b_rows += [(60_000 + k, f"A new passage number {k} about side information .", "New") for k in range(4)]
-    b = write_tsv(tmp / "b.tsv", b_rows)
+    b = edited_corpus(tmp / "b.tsv", rows, changed, deleted, 4, 60_000, "side information")
     cfg = dataclasses.replace(_cfg(tmp / "store", a, qa_model), dpr=DprConfig(model=tiny_model, pooling="mean"))
     summary = run(cfg)
     return dict(tmp=tmp, a=a, b=b, cfg=cfg, store=Store(cfg.store), summary=summary, changed=changed,
