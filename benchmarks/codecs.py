@@ -104,17 +104,18 @@ def fetch_args(p: argparse.ArgumentParser, out: Path) -> argparse.ArgumentParser
 
 def compare_stores(settings: dict[str, CompressionConfig], prefix: str, k: int, calls: int, command: str, argv,
                    measure=None) -> dict:
-    """One store per codec setting, built in turn; then `measure(url)` (extra figures per store, Ray
-    shut down first) and fetch latency alternating between them. The first setting is the baseline."""
+    """One store per codec setting, built in turn; then fetch latency alternating between them and
+    `measure(url)` (extra figures per store), Ray shut down first. The first setting is the baseline."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
     rows = {name: build(str(tmp / name), c) for name, c in settings.items()}
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+    # latency first: `measure` may load torch, whose idle worker threads then compete with numpy's BLAS
+    lat = fetch_latency({name: str(tmp / name) for name in settings}, k, calls)
     for name in settings if measure is not None else ():
         rows[name].update(measure(str(tmp / name)))
-    lat = fetch_latency({name: str(tmp / name) for name in settings}, k, calls)
     base = rows[next(iter(settings))]
     return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU", "k": k, "calls": calls,
             "passages": base["passages"], "tokens": base["tokens"],
