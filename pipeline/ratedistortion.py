@@ -148,7 +148,7 @@ def sweep(model: ModelConfig, fit: tuple[list[str], list[str]], evaluate: tuple[
                 points.append(RDPoint(dims, 16, "fp16+zstd", sc.zstd_bytes / sc.tokens, 0.0, sc.token_cosine))
             else:
                 # bit-packed size per passage: ceil(n x dims x ceil(bits) / 8), what `quantize.bitpack` writes
-                packed = sum(-(-int(n) * dims * int(np.ceil(bits)) // 8) for h, am in batches for n in am.sum(1))
+                packed = sum(-(-int(n) * dims * int(np.ceil(bits)) // 8) for _, am, _, _ in batches for n in am.sum(1))
                 points.append(RDPoint(dims, bits, "int8+zstd", sc.zstd_bytes / sc.tokens, 2.0, sc.token_cosine))
                 points.append(RDPoint(dims, bits, "bitpacked", packed / sc.tokens, 2.0, sc.token_cosine))
             log.info("%s: cosine %.5f, %.1f B/token", points[-1].label, sc.token_cosine, points[-1].bytes_per_token)

@@ -323,3 +323,19 @@ def test_bad_residual_values_are_refused(tmp_path, capsys, tiny_model):
     assert cli([*base, "--residual-linear", "16"]) == 2
     assert cli([*base, "--residual-linear", "64:8"]) == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_report_prices_the_residual_families_against_the_reference(tmp_path, capsys, tiny_model):
+    """Logic only (tiny random model): each residual family is in the table, the JSON and the comparison."""
+    assert cli(["report", "--model", tiny_model, "--layers", "2", "--pq-m", "8", "--dims", "8", "--bits", "8,16",
+                "--fit-sample", "40", "--sample", "10", "--residual-pq-m", "4,8", "--residual-linear", "8:8,4:5.25",
+                "--reference", "8:8", "--device", "cpu", "--out-dir", str(tmp_path / "r")]) == 0
+    points = json.loads((tmp_path / "r" / "rate_distortion.json").read_text())
+    families = {p["family"] for p in points}
+    assert {"linear", "opq", "residual-opq", "residual-linear"} <= families
+    res = [p for p in points if p["family"] == "residual-opq"]
+    assert sorted(p["bytes_per_token"] for p in res) == [4, 8]
+    assert all(p["all_in_bytes_per_token"] > p["bytes_per_token"] + 2 for p in points)
+    md = (tmp_path / "r" / "rate_distortion.md").read_text()
+    assert "| residual-opq |" in md and "| residual-linear |" in md and "cheapest at or above" in md
+    assert (tmp_path / "r" / "rate_distortion.png").stat().st_size > 1000
