@@ -339,3 +339,15 @@ def test_report_prices_the_residual_families_against_the_reference(tmp_path, cap
     md = (tmp_path / "r" / "rate_distortion.md").read_text()
     assert "| residual-opq |" in md and "| residual-linear |" in md and "cheapest at or above" in md
     assert (tmp_path / "r" / "rate_distortion.png").stat().st_size > 1000
+
+
+def test_fit_compressor_and_fidelity_cli_take_the_residual(tmp_path, capsys, tiny_model, sample_tsv):
+    out = tmp_path / "res.safetensors"
+    assert cli(["fit-compressor", "--corpus", str(sample_tsv), "--model", tiny_model, "--layers", "2", "--codec", "pq",
+                "--pq-m", "8", "--residual", "embeddings", "--sample", "40", "--out", str(out)]) == 0
+    assert "on the residual after the static-embedding prediction" in capsys.readouterr().out
+    assert artifact_kind(out.read_bytes()) == "pq+residual"
+    assert cli(["fidelity", "--corpus", str(sample_tsv), "--model", tiny_model, "--layers", "2", "--compressor",
+                str(out), "--sample", "10", "--json", str(tmp_path / "f.json")]) == 0
+    rows = json.loads((tmp_path / "f.json").read_text())
+    assert len(rows) == 1 and rows[0]["bytes_per_token_raw"] == 8 and 0 < rows[0]["token_cosine"] <= 1
