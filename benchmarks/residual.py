@@ -3,6 +3,7 @@
     python -m benchmarks.residual                      # linear PCA-96 int8 vs OPQ M=8 on the residual
     python -m benchmarks.residual --pq-m 16 --calls 300
     python -m benchmarks.residual --report             # the markdown table from reports/residual_cpu.json
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.residual   # stable fetch latency on a small shared machine
 
 Both stores are written by the real pipeline (`precompute run`'s code path: local Ray, MiniLM lower 3 of 6
 layers, the bundled 2,333-passage sample, the codec fitted on the run's own 512-passage sample). Per store:
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -77,6 +79,9 @@ def main(argv=None) -> int:
                 "residual": CompressionConfig(codec="pq", pq_m=a.pq_m, opq=True, residual="embeddings")}
     data = compare_stores(settings, "bench-residual-", a.k, a.calls, "python -m benchmarks.residual", argv,
                           lambda url: lookup_fidelity(url, a.lookup_passages))
+    # numpy's BLAS threads spin against torch's and other processes' on a small shared machine (get p99 in
+    # seconds here with the default): OPENBLAS_NUM_THREADS=1 gives stable fetch figures; it is recorded
+    data["openblas_num_threads"] = os.environ.get("OPENBLAS_NUM_THREADS")
     Path(a.out).write_text(json.dumps(data, indent=1))
     print(render(data))
     return 0
