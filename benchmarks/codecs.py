@@ -81,7 +81,7 @@ def fetch_latency(urls: dict[str, str], k: int, calls: int) -> dict[str, dict]:
             enc = r.get_encoded(pick)
             t2 = time.perf_counter()
             for e in enc.values():
-                r.codec.decode(e.codes, e.scales)
+                r.codec.decode(e.codes, e.scales, e.side)
             t3 = time.perf_counter()
             if len(got) != k:
                 raise RuntimeError(f"{name}: asked for {k} passages, got {len(got)}")
@@ -91,6 +91,36 @@ def fetch_latency(urls: dict[str, str], k: int, calls: int) -> dict[str, dict]:
     return {name: {"get_median_ms": float(np.median(t["get"])), "get_p99_ms": float(np.percentile(t["get"], 99)),
                    "get_encoded_median_ms": float(np.median(t["fetch"])),
                    "decode_median_ms": float(np.median(t["decode"]))} for name, t in times.items()}
+
+
+def fetch_args(p: argparse.ArgumentParser, out: Path) -> argparse.ArgumentParser:
+    """The flags every store-against-store benchmark shares: fetch size and calls, output, --report."""
+    p.add_argument("-k", type=int, default=10, help="passages per StateReader.get call")
+    p.add_argument("--calls", type=int, default=200, help="get calls per store")
+    p.add_argument("--out", default=str(out))
+    p.add_argument("--report", action="store_true", help="print the table of an earlier --out, run nothing")
+    return p
+
+
+def compare_stores(settings: dict[str, CompressionConfig], prefix: str, k: int, calls: int, command: str, argv,
+                   measure=None) -> dict:
+    """One store per codec setting, built in turn; then fetch latency alternating between them and
+    `measure(url)` (extra figures per store), Ray shut down first. The first setting is the baseline."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    rows = {name: build(str(tmp / name), c) for name, c in settings.items()}
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    # latency first: `measure` may load torch, whose idle worker threads then compete with numpy's BLAS
+    lat = fetch_latency({name: str(tmp / name) for name in settings}, k, calls)
+    for name in settings if measure is not None else ():
+        rows[name].update(measure(str(tmp / name)))
+    base = rows[next(iter(settings))]
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU", "k": k, "calls": calls,
+            "passages": base["passages"], "tokens": base["tokens"],
+            "command": " ".join([command, *(argv if argv is not None else sys.argv[1:])]),
+            "rows": [{"name": name, **rows[name], **lat[name]} for name in settings]}
 
 
 def render(data: dict) -> str:
@@ -118,28 +148,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-opq", action="store_true", help="plain PQ instead of OPQ")
     p.add_argument("--pq-zstd-level", type=int, default=None, help="zstd level for the PQ store's codes (default: "
                    "the codec's, 0 = raw)")
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--calls", type=int, default=200)
-    p.add_argument("--out", default=str(OUT))
-    p.add_argument("--report", action="store_true")
-    a = p.parse_args(argv)
+    a = fetch_args(p, OUT).parse_args(argv)
     if a.report:
         print(render(json.loads(Path(a.out).read_text())))
         return 0
     start_benchmark()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-codecs-"))
     settings = {"linear": CompressionConfig(dims=a.dims, bits=a.bits),
                 "pq": CompressionConfig(codec="pq", pq_m=a.pq_m, opq=not a.no_opq, zstd_level=a.pq_zstd_level)}
-    rows = {name: build(str(tmp / name), c) for name, c in settings.items()}
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    lat = fetch_latency({name: str(tmp / name) for name in settings}, a.k, a.calls)
-    data = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU", "k": a.k, "calls": a.calls,
-            "passages": rows["linear"]["passages"], "tokens": rows["linear"]["tokens"],
-            "command": " ".join(["python -m benchmarks.codecs", *(argv if argv is not None else sys.argv[1:])]),
-            "rows": [{"name": name, **rows[name], **lat[name]} for name in settings]}
+    data = compare_stores(settings, "bench-codecs-", a.k, a.calls, "python -m benchmarks.codecs", argv)
     Path(a.out).write_text(json.dumps(data, indent=1))
     print(render(data))
     return 0

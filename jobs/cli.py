@@ -18,7 +18,6 @@ from pipeline.config import (
     ModelConfig,
     RunConfig,
 )
-from storage.estimate import PER_PASSAGE_BYTES, TOKEN_ID_BYTES
 
 log = logging.getLogger("precompute")
 
@@ -97,6 +96,10 @@ def _add_codec(g) -> None:
     g.add_argument("--pq-m", type=int, default=32, help="pq: sub-quantisers = code bytes per token; must divide the "
                    "stored dims (default 32)")
     g.add_argument("--opq", action="store_true", help="pq: learn a rotation first (OPQ): higher fidelity, slower fit")
+    g.add_argument("--residual", default="none", choices=["none", "embeddings"],
+                   help="embeddings: code only what each token's static embedding (recomputed from the stored token "
+                   "ids) does not predict, with either codec (see `precompute report`); none: the states themselves "
+                   "(default)")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -207,7 +210,7 @@ def run_and_report(cfg: RunConfig, summary_json: str | None) -> int:
 def _fit_settings(a):
     from pipeline.config import CompressionConfig
 
-    return CompressionConfig(codec=a.codec, dims=a.dims, pq_m=a.pq_m, opq=a.opq)
+    return CompressionConfig(codec=a.codec, dims=a.dims, pq_m=a.pq_m, opq=a.opq, residual=a.residual)
 
 
 def cmd_fit(a) -> int:
@@ -439,7 +442,7 @@ def cmd_validate(a) -> int:
 
 def cmd_report(a) -> int:
     from pipeline.encoder import pick_device
-    from pipeline.ratedistortion import PQFamily, plot_png, sweep_corpus
+    from pipeline.ratedistortion import PQFamily, ResidualFamily, plot_png, sweep_corpus
     from storage.fs import redact_url, write_url
 
     model = _model_cfg(a)
@@ -450,15 +453,12 @@ def cmd_report(a) -> int:
     if set(variants) - {"pq", "opq"}:
         raise ConfigError(f"--pq-variants {a.pq_variants!r}: a comma list of pq, opq")
     pq = PQFamily(tuple(pq_m), variants, a.pq_dims) if pq_m and variants else None
-    reference = None
-    if a.reference:
-        ref_dims, _, ref_bits = a.reference.partition(":")
-        try:
-            reference = (int(ref_dims), float(ref_bits))
-        except ValueError:
-            raise ConfigError(f"--reference {a.reference!r}: expected DIMS:BITS, e.g. 96:5.25") from None
+    reference = _dims_bits(a.reference, "--reference") if a.reference else None
+    res_m = tuple(_int_list(a.residual_pq_m, "--residual-pq-m"))
+    res_linear = tuple(_dims_bits(v, "--residual-linear") for v in (a.residual_linear or "").split(",") if v.strip())
+    residual = ResidualFamily(res_m, res_linear) if res_m or res_linear else None
     rd = sweep_corpus(model, _corpus(a), dims_list, bits_list, a.fit_sample, a.sample, a.seed,
-                      a.zstd_level, pick_device(a.device), pq=pq, reference=reference)
+                      a.zstd_level, pick_device(a.device), pq=pq, reference=reference, residual=residual)
     report = rd.render()
     out = a.out_dir.rstrip("/")
     write_url(f"{out}/rate_distortion.md", report.encode())
@@ -468,6 +468,14 @@ def cmd_report(a) -> int:
     print(report)
     print(f"wrote {redact_url(out)}/rate_distortion.md, .json, .png")
     return 0
+
+
+def _dims_bits(raw: str, flag: str) -> tuple[int, float]:
+    dims, _, bits = raw.strip().partition(":")
+    try:
+        return int(dims), float(bits)
+    except ValueError:
+        raise ConfigError(f"{flag} {raw!r}: expected DIMS:BITS, e.g. 96:5.25") from None
 
 
 def _number_list(raw: str | None, flag: str) -> list[float]:
@@ -669,6 +677,8 @@ def cmd_compact(a) -> int:
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
+    from storage.estimate import Assumptions  # pure Python, no I/O: its defaults are the estimate flags' defaults
+
     p = argparse.ArgumentParser(prog="precompute", description=(
         "Precompute the input component of a decoupled transformer over a passage corpus: encode with the "
         "lower N layers, compress token states, quantise, zstd-pack into versioned Parquet shards."))
@@ -800,8 +810,10 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--model", default=BUNDLED_MODEL, help="model for --sample-corpus measurements")
     es.add_argument("--layers", type=int, default=3)
     es.add_argument("--scale-bytes", type=float, default=2.0)
-    es.add_argument("--token-id-bytes", type=float, default=TOKEN_ID_BYTES, help="default: as measured (%(default)s)")
-    es.add_argument("--per-passage-bytes", type=float, default=PER_PASSAGE_BYTES, help="default: as measured (%(default)s)")
+    es.add_argument("--token-id-bytes", type=float, default=Assumptions.token_id_bytes,
+                    help=f"stored token ids per token, as Parquet writes them (default {Assumptions.token_id_bytes:g}, measured)")
+    es.add_argument("--per-passage-bytes", type=float, default=Assumptions.per_passage_bytes,
+                    help=f"id, content hash, n_tokens per passage (default {Assumptions.per_passage_bytes:g}, measured)")
     es.add_argument("--container-overhead", type=float, default=0.005)
     es.add_argument("--dpr-dim", type=int, default=768, help="DPR embedding dims stored beside (0 = none)")
     es.add_argument("--index-bytes-per-vector", type=float, default=0.0, help="FAISS index bytes per vector")
@@ -830,6 +842,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(comma list; each must divide the stored dims; empty = skip the family)")
     rp.add_argument("--pq-variants", default="opq", help="comma list of pq (plain) and opq (learned rotation)")
     rp.add_argument("--pq-dims", type=int, default=None, help="project to these dims before PQ (default: raw states)")
+    rp.add_argument("--residual-pq-m", default="", help="OPQ on the residual after the static-embedding prediction: "
+                    "sub-quantiser counts = code bytes per token (comma list, e.g. 4,8,16,32; empty = skip)")
+    rp.add_argument("--residual-linear", default="", help="the linear codec on the residual: DIMS:BITS comma list "
+                    "(e.g. 96:8,48:5.25; 16 bits = float16; empty = skip)")
     rp.add_argument("--reference", default=None, help="DIMS:BITS of the linear setting the other families are priced "
                     "against (default hidden/4 : 5.25, i.e. 37 levels)")
     rp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -8,6 +8,11 @@ so a new scheme is a new class here, never a branch elsewhere. Two exist:
   with a per-token float16 scale (or float16 values), zstd-packed per passage.
 - `PQCodec`: a product quantiser (optionally after a projection, optionally with an OPQ rotation):
   one uint8 centroid index per sub-space, no scale.
+- `ResidualCodec`: either of them on what the token ids do not already say: the state minus its
+  prediction from the token's static embedding (`pipeline.sideinfo`), added back at decode.
+
+Every encoder and decoder takes the passages' side information (`SideInfo`: token ids and lengths, which
+the store keeps anyway); codecs that predict nothing ignore it.
 
 A codec's artifact is safetensors (never pickle); its sha256 is the store's `compressor_sha256`,
 so a different codebook is a different fingerprint. Readers decode with numpy and never load torch;
@@ -26,6 +31,8 @@ from safetensors.numpy import save as st_save
 
 from pipeline.compress import Compressor, CompressorError, canonical_safetensors, safetensors_metadata
 from pipeline.quantize import dequantize
+from pipeline.sideinfo import PREFIX as RESIDUAL_PREFIX
+from pipeline.sideinfo import Prediction, SideInfo
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +63,7 @@ class CodeLayout:
 
 class Codec(ABC):
     kind: ClassVar[str]
+    residual: ClassVar[str] = "none"  # what the codes are taken relative to (`--residual`)
     hidden: int   # the input component's state size (what decode returns)
     dims: int     # values per token after any projection (what the code describes)
     metadata: dict[str, str]  # fit provenance (fit_ids, seed, tokens), stored in the artifact
@@ -69,16 +77,17 @@ class Codec(ABC):
         """Keys this codec adds to a store's fingerprint: what must match for states to be mixed."""
 
     @abstractmethod
-    def encoder(self, device, dtype) -> Callable[["torch.Tensor"], tuple["torch.Tensor", "torch.Tensor | None"]]:
-        """A function [n, hidden] states -> (codes [n, width] in layout.dtype, scales [n] float16 or None),
-        run where the states are, so only codes leave the device."""
+    def encoder(self, device, dtype) -> Callable[..., tuple["torch.Tensor", "torch.Tensor | None"]]:
+        """A function ([n, hidden] states, side info of those n tokens or None) -> (codes [n, width] in
+        layout.dtype, scales [n] float16 or None), run where the states are, so only codes leave the device."""
 
     @abstractmethod
-    def decode(self, codes: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
-        """[n, width] codes (+ scales) -> [n, hidden] float32 states."""
+    def decode(self, codes: np.ndarray, scales: np.ndarray | None, side: SideInfo | None = None) -> np.ndarray:
+        """[n, width] codes (+ scales, + the n tokens' side info) -> [n, hidden] float32 states."""
 
     @abstractmethod
-    def decode_torch(self, codes: "torch.Tensor", scales: "torch.Tensor | None") -> "torch.Tensor":
+    def decode_torch(self, codes: "torch.Tensor", scales: "torch.Tensor | None",
+                     side: SideInfo | None = None) -> "torch.Tensor":
         """The same on the codes' device: float32 [n, hidden]."""
 
     @abstractmethod
@@ -126,14 +135,14 @@ class LinearCodec(Codec):
 
         project = self.compressor.torch_module(device, dtype)
         if self.quantize == "none":
-            return lambda h: (project(h).to(_torch().float16), None)
-        return lambda h: quantize(project(h), self.bits)
+            return lambda h, side=None: (project(h).to(_torch().float16), None)
+        return lambda h, side=None: quantize(project(h), self.bits)
 
-    def decode(self, codes: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    def decode(self, codes: np.ndarray, scales: np.ndarray | None, side: SideInfo | None = None) -> np.ndarray:
         z = codes.astype(np.float32) if scales is None else dequantize(codes, scales)
         return self.compressor.decompress(z)
 
-    def decode_torch(self, codes, scales):
+    def decode_torch(self, codes, scales, side=None):
         torch = _torch()
         w, b = self._weights(codes.device)
         z = codes.float() if scales is None else codes.float() * scales.float().unsqueeze(-1)
@@ -195,7 +204,7 @@ class PQCodec(Codec):
         project = self.projection.torch_module(device, torch.float32) if self.projection is not None else None
         cent, rot, _ = self._tensors(device)
 
-        def encode(h):
+        def encode(h, side=None):
             z = h.float()
             if project is not None:
                 z = project(z)
@@ -219,13 +228,13 @@ class PQCodec(Codec):
         return self._torch[device]
 
     # ---- decode
-    def decode(self, codes: np.ndarray, scales: np.ndarray | None = None) -> np.ndarray:
+    def decode(self, codes: np.ndarray, scales: np.ndarray | None = None, side: SideInfo | None = None) -> np.ndarray:
         z = self.centroids[np.arange(self.m), codes.astype(np.int64)].reshape(codes.shape[0], self.dims)
         if self.rotation is not None:
             z = z @ self.rotation
         return self.projection.decompress(z) if self.projection is not None else z.astype(np.float32)
 
-    def decode_torch(self, codes, scales=None):
+    def decode_torch(self, codes, scales=None, side=None):
         torch = _torch()
         cent, rot, back = self._tensors(codes.device)
         z = cent[torch.arange(self.m, device=codes.device), codes.long()].reshape(codes.shape[0], self.dims)
@@ -270,6 +279,80 @@ class PQCodec(Codec):
                    proj, {k: v for k, v in md.items() if k not in ("codec", "pq_m", "pq_bits", "opq", "dims", "hidden")})
 
 
+# ---------------------------------------------------------------- side information: code the residual
+
+class ResidualCodec(Codec):
+    """An inner codec (linear or PQ) on h - p(e): the state minus its prediction from the token's static
+    embedding (`pipeline.sideinfo.Prediction`); decode adds the prediction back.
+
+    The encoder and decoder need the tokens' side information; the artifact holds the inner codec's
+    tensors, the prediction's map and the embedding tables it needs, so its sha256 covers them all."""
+    residual: ClassVar[str] = "embeddings"
+
+    def __init__(self, inner: Codec, prediction: Prediction):
+        if prediction.hidden != inner.hidden:
+            raise CompressorError(f"residual codec: the prediction is {prediction.hidden} wide, the inner codec "
+                                  f"{inner.hidden}")
+        self.inner, self.prediction = inner, prediction
+        self.kind = inner.kind  # --codec names the inner codec; --residual the prediction
+        self.hidden, self.dims = inner.hidden, inner.dims
+        self.metadata = inner.metadata
+        self._torch: dict[Any, Callable] = {}
+
+    @property
+    def layout(self) -> CodeLayout:
+        return self.inner.layout
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        return {**self.inner.fingerprint_fields(), "residual": self.residual}
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()}, on the residual after the static-embedding prediction"
+
+    def _side(self, side: SideInfo | None, n: int) -> SideInfo:
+        if side is None or len(side.ids) != n:
+            raise CompressorError(f"the residual codec needs the token ids of the {n} tokens it codes "
+                                  f"(side information); got {None if side is None else len(side.ids)}")
+        return side
+
+    def _predict_torch(self, device):
+        if device not in self._torch:
+            self._torch[device] = self.prediction.torch_predictor(device)
+        return self._torch[device]
+
+    def encoder(self, device, dtype):
+        inner = self.inner.encoder(device, dtype)
+        predict = self._predict_torch(_torch().device(device))
+
+        def encode(h, side=None):
+            p = predict(self._side(side, h.shape[0]))
+            return inner((h.float() - p).to(h.dtype), side)
+
+        return encode
+
+    def decode(self, codes: np.ndarray, scales: np.ndarray | None, side: SideInfo | None = None) -> np.ndarray:
+        r = self.inner.decode(codes, scales, side)
+        return r + self.prediction.predict(self._side(side, codes.shape[0]))
+
+    def decode_torch(self, codes, scales, side=None):
+        r = self.inner.decode_torch(codes, scales, side)
+        return r + self._predict_torch(codes.device)(self._side(side, codes.shape[0]))
+
+    def to_bytes(self) -> bytes:
+        inner = self.inner.to_bytes()
+        tensors, md = _load_safetensors(inner, "codec")
+        md = {**md, **self.prediction.metadata()}
+        return canonical_safetensors(st_save({**tensors, **self.prediction.tensors()}, metadata=md))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str, quantize: str = "int8", bits: float = 8) -> "ResidualCodec":
+        tensors, md = _load_safetensors(data, where)
+        prediction = Prediction.from_tensors(tensors, md, where)
+        inner_md = {k: v for k, v in md.items() if k != "residual" and not k.startswith(RESIDUAL_PREFIX)}
+        inner = st_save({k: v for k, v in tensors.items() if not k.startswith(RESIDUAL_PREFIX)}, metadata=inner_md)
+        return cls(_plain_codec(inner, where, quantize, bits), prediction)
+
+
 def nearest_centroids(x: "torch.Tensor", cent: "torch.Tensor") -> "torch.Tensor":
     """Nearest centroid per sub-space: [n, m] indices; ||r - c||^2 ranks as ||c||^2 - 2 r.c."""
     import torch
@@ -298,16 +381,24 @@ def _load_safetensors(data: bytes, where: str) -> tuple[dict[str, np.ndarray], d
 
 
 def artifact_kind(data: bytes, where: str = "codec") -> str:
-    """'pq' for a PQ codebook file, 'linear' for a projection (the paper's compressor)."""
+    """'pq' for a PQ codebook file, 'linear' for a projection (the paper's compressor); either with
+    '+residual' when the file also holds a static-embedding prediction."""
     _, md = _load_safetensors(data, where)
-    return "pq" if md.get("codec") == "pq" else "linear"
+    kind = "pq" if md.get("codec") == "pq" else "linear"
+    return kind + "+residual" if md.get("residual") == "embeddings" else kind
+
+
+def _plain_codec(data: bytes, where: str, quantize: str, bits: float) -> Codec:
+    if artifact_kind(data, where) == "pq":
+        return PQCodec.from_bytes(data, where)
+    return LinearCodec(Compressor.from_bytes(data, where), quantize, bits)
 
 
 def codec_from_bytes(data: bytes, where: str, quantize: str = "int8", bits: float = 8) -> Codec:
     """A codec from its artifact; `quantize`/`bits` complete a linear one (its file holds the projection only)."""
-    if artifact_kind(data, where) == "pq":
-        return PQCodec.from_bytes(data, where)
-    return LinearCodec(Compressor.from_bytes(data, where), quantize, bits)
+    if artifact_kind(data, where).endswith("+residual"):
+        return ResidualCodec.from_bytes(data, where, quantize, bits)
+    return _plain_codec(data, where, quantize, bits)
 
 
 def codec_for_store(data: bytes, where: str, fingerprint: dict) -> Codec:
@@ -316,6 +407,9 @@ def codec_for_store(data: bytes, where: str, fingerprint: dict) -> Codec:
     if codec.kind != fingerprint.get("codec", "linear"):
         raise CompressorError(f"{where}: a {codec.kind} codec, but the store's fingerprint records "
                               f"{fingerprint.get('codec', 'linear')}")
+    if codec.residual != fingerprint.get("residual", "none"):
+        raise CompressorError(f"{where}: a codec with residual={codec.residual}, but the store's fingerprint records "
+                              f"residual={fingerprint.get('residual', 'none')}")
     return codec
 
 

@@ -24,6 +24,7 @@ _CHOICES = {
     "on_too_long": ("truncate", "skip"),
     "quantize": ("int8", "none"),
     "codec": ("linear", "pq"),
+    "residual": ("none", "embeddings"),
     "device": ("auto", "cpu", "cuda"),
     "attention": ATTENTION_CHOICES,
 }
@@ -109,12 +110,15 @@ class CompressionConfig:
     bits: float = 8  # linear codec only; may be fractional (5.25 = 37 levels); see `precompute report`
     pq_m: int = 32  # pq codec: sub-quantisers = bytes per token; must divide the stored dims
     opq: bool = False  # pq codec: learn a rotation first (OPQ): better fidelity, slower fit
+    residual: str = "none"  # embeddings: code h minus its prediction from the token's static embedding
+    #                          (pipeline/sideinfo.py); none: the states themselves (stores written before)
     zstd_level: int | None = None  # 0 = codes stored raw; default: 3 for linear, 0 for pq (its codes do not
     #                                   compress per passage: measured 32.0 -> 32.0 B/token, `precompute report`)
 
     def __post_init__(self):
         _check_choice("quantize", self.quantize)
         _check_choice("codec", self.codec)
+        _check_choice("residual", self.residual)
         if self.dims is None and self.codec == "linear":
             object.__setattr__(self, "dims", 192)
         if self.zstd_level is None:

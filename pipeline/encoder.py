@@ -17,6 +17,7 @@ from transformers import AutoModel
 from pipeline.codec import Codec
 from pipeline.config import ATTENTION_CHOICES, ConfigError, ModelConfig
 from pipeline.model_check import Probe, require_match
+from pipeline.sideinfo import SideInfo
 from pipeline.packed import PackedBatch, PackedLowerLayers, packed_unsupported, token_index, varlen_available
 
 log = logging.getLogger(__name__)
@@ -356,7 +357,9 @@ class InputComponent:
 
 
 class ShardEncoder:
-    """The input component -> the codec's encoder, all on the device; returns codes for real tokens only."""
+    """The input component -> the codec's encoder, all on the device; returns codes for real tokens only.
+
+    The codec also gets the batch's token ids and lengths (side information a codec may predict from)."""
 
     def __init__(self, model_cfg: ModelConfig, codec: Codec, token_budget: int | None, device: torch.device,
                  pad_id: int = 0, attention: str = "auto", compile: bool = False):
@@ -398,7 +401,7 @@ class ShardEncoder:
             with torch.inference_mode():
                 h, computed = self.lower(ids[rows], types[rows], lengths[batch])
                 padded += computed
-                q, s = self.encode_states(h)
+                q, s = self.encode_states(h, SideInfo(ids[rows], lengths[batch]))
             place(copies.put((q, s), rows))
         place(copies.drain())
         if codes is None:  # no passages

@@ -1,6 +1,7 @@
 """Fit a codec on a corpus sample, and measure what it costs the reader (fidelity)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pipeline.config import CompressionConfig, ConfigError, ModelConfig
 from pipeline.corpus import Corpus
 from pipeline.encoder import LayeredEncoder, pad_batch, token_budget_batches
 from pipeline.pqfit import PQFit, fit_pq
+from pipeline.sideinfo import Prediction, RidgeAccumulator, SideInfo, StaticEmbedding
 from pipeline.sample import held_out, random_rows, rows_at
 from pipeline.tokenize import PairTokenizer, model_max_length
 
@@ -30,14 +32,67 @@ def _batches(tok: PairTokenizer, titles: list[str], texts: list[str], token_budg
         yield [ids[i] for i in batch], [types[i] for i in batch]
 
 
+@dataclass
+class FitStates:
+    """The fit sample's input-component states and what the decoder will know of the same tokens."""
+    states: list[np.ndarray]   # per batch, float32 [tokens, hidden]
+    sides: list[SideInfo]      # per batch, the same tokens' ids and passage lengths
+    types: list[np.ndarray]    # per batch, the tokenizer's token types (to check the derived ones)
+    encoder: LayeredEncoder
+    sep_id: int
+
+
 def _lower_states(model: ModelConfig, titles: list[str], texts: list[str], max_length: int, device: torch.device,
-                  token_budget: int):
+                  token_budget: int) -> FitStates:
     """The input component's real-token states, a float32 [tokens, hidden] array per batch."""
     tok = PairTokenizer(model, max_length)
     enc = LayeredEncoder(model, device)
+    out = FitStates([], [], [], enc, int(tok.tok.sep_token_id if tok.tok.sep_token_id is not None else -1))
     for ids, types in _batches(tok, titles, texts, token_budget):
         i, t, am = pad_batch(ids, types, 0, device)
-        yield enc.embed_and_lower(i, t, am)[am.bool()].float().cpu().numpy()
+        out.states.append(enc.embed_and_lower(i, t, am)[am.bool()].float().cpu().numpy())
+        out.sides.append(SideInfo.from_padded(i, am))
+        out.types.append(t[am.bool()].cpu().numpy())
+    return out
+
+
+def fit_prediction(model, sides: list[SideInfo], states: list[np.ndarray], sep_id: int, model_name: str,
+                   types: list[np.ndarray] | None = None) -> tuple[Prediction, dict[str, str], list[np.ndarray]]:
+    """The static-embedding prediction of these states (ridge, closed form) and what it leaves per batch.
+
+    `model`: the loaded base model, whose embedding tables are copied and checked; `types`: the tokenizer's
+    token types, only to say when the ones derived from the ids differ."""
+    if not states:
+        raise ConfigError("no passages to fit the codec on")
+    table = StaticEmbedding.from_model(model, sep_id, model_name)
+    table.check_against(model, sides[0], model_name)
+    if types is not None and table.token_type is not None and table.token_type.shape[0] > 1:
+        derived, given = np.concatenate([s.segments(sep_id) for s in sides]), np.concatenate(types)
+        if not np.array_equal(derived, given):
+            log.warning("token types derived from the ids differ from the tokenizer's for %.2f%% of the fit tokens: "
+                        "the prediction uses the derived ones at encode and decode alike",
+                        100 * float(np.mean(derived != given)))
+    ridge = RidgeAccumulator(table.width, states[0].shape[1])
+    embedded = [table.compute(side) for side in sides]
+    for e, h in zip(embedded, states):
+        ridge.update(e, h)
+    prediction, stats = ridge.finish(table)
+    log.info("static-embedding prediction: the residual keeps %s of the states' centred energy",
+             stats["residual_energy_share"])
+    return prediction, stats, [h - (e @ prediction.weight + prediction.bias) for e, h in zip(embedded, states)]
+
+
+def fit_residual(fit: FitStates, compression: CompressionConfig, model_name: str,
+                 metadata: dict[str, str] | None = None) -> Codec:
+    """`--residual embeddings`: the prediction, then the inner codec (`compression` without the residual)
+    fitted on what it leaves."""
+    from pipeline.codec import ResidualCodec
+
+    prediction, stats, residuals = fit_prediction(fit.encoder.model, fit.sides, fit.states, fit.sep_id, model_name,
+                                                  fit.types)
+    inner = codec_from_states(iter(residuals), dataclasses.replace(compression, residual="none"),
+                              {**(metadata or {}), **stats})
+    return ResidualCodec(inner, prediction)
 
 
 def fit_compressor(model: ModelConfig, titles: list[str], texts: list[str], dims: int | None, max_length: int,
@@ -56,7 +111,11 @@ def fit_codec(model: ModelConfig, titles: list[str], texts: list[str], compressi
     """The codec `compression` asks for, fitted on these passages' input-component states."""
     md = {"model": model.name, "layers": str(model.layers), "passages": str(len(texts))}
     md.update(metadata or {})
-    codec = codec_from_states(_lower_states(model, titles, texts, max_length, device, token_budget), compression, md)
+    fit = _lower_states(model, titles, texts, max_length, device, token_budget)
+    if compression.residual == "embeddings":
+        codec = fit_residual(fit, compression, model.name, md)
+    else:
+        codec = codec_from_states(iter(fit.states), compression, md)
     log.info("fitted %s on %s token states of %d passages", codec.describe(), codec.metadata.get("tokens"),
              len(texts))
     return codec
@@ -106,9 +165,10 @@ def measure_fidelity(model: ModelConfig, codec: Codec, titles: list[str], texts:
         i, t, am = pad_batch(ids, types, 0, device)
         h = enc.embed_and_lower(i, t, am).float()
         real = am.bool()
-        codes, scales = encode(h[real])
+        side = SideInfo.from_padded(i, am)
+        codes, scales = encode(h[real], side)
         h_rec = torch.zeros_like(h)
-        h_rec[real] = codec.decode_torch(codes, scales).to(h.dtype)
+        h_rec[real] = codec.decode_torch(codes, scales, side).to(h.dtype)
         top = enc.total_layers
         ref = enc.run_layers(h.to(enc.dtype), am, enc.n_lower, top).float()
         got = enc.run_layers(h_rec.to(enc.dtype), am, enc.n_lower, top).float()

@@ -63,6 +63,9 @@ def check_compressor(codec, where: str, compression, hidden: int | None) -> None
     if compression.dims is not None and codec.dims != compression.dims:
         raise ConfigError(f"--compressor {where} stores {codec.dims} dims per token, but --dims is "
                           f"{compression.dims}: pass --dims {codec.dims}")
+    if codec.residual != compression.residual:
+        raise ConfigError(f"--compressor {where} codes residual={codec.residual}, but --residual is "
+                          f"{compression.residual}: pass --residual {codec.residual}")
     m = codec.fingerprint_fields().get("pq_m")
     if m is not None and m != compression.pq_m:
         raise ConfigError(f"--compressor {where} has {m} sub-quantisers, but --pq-m is {compression.pq_m}: "

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from pipeline.codec import Codec, codec_for_store
 from pipeline.pack import Packer
+from pipeline.sideinfo import SideInfo
 from storage import manifest as mf
 from storage.fs import IntegrityError, Store  # noqa: F401  (IntegrityError re-exported)
 from storage import tombstones
@@ -30,6 +31,11 @@ class EncodedPassage:
     token_ids: np.ndarray       # [n_tokens] int64
     codes: np.ndarray           # [n_tokens, width]
     scales: np.ndarray | None   # [n_tokens] float16, for a scaled layout
+
+    @property
+    def side(self) -> SideInfo:
+        """What the decoder knows besides the codes: this passage's token ids."""
+        return SideInfo(self.token_ids, np.array([self.token_ids.size], np.int64))
 
 
 @dataclass
@@ -98,12 +104,12 @@ class StateReader:
 
     def get(self, passage_ids) -> dict[int, PassageStates]:
         """States for each id present in this version; absent ids are simply not in the result."""
-        return {pid: PassageStates(pid, e.token_ids, self.codec.decode(e.codes, e.scales))
+        return {pid: PassageStates(pid, e.token_ids, self.codec.decode(e.codes, e.scales, e.side))
                 for pid, e in self.get_encoded(passage_ids).items()}
 
     def get_encoded(self, passage_ids) -> dict[int, EncodedPassage]:
         """Stored codes for each id present in this version, unpacked but not decoded (a caller may decode
-        them in one batch on its own device with `codec.decode_torch`)."""
+        them in one batch on its own device with `codec.decode_torch`, passing `SideInfo.of` their token ids)."""
         wanted = np.unique(np.asarray(list(passage_ids), dtype=np.int64))
         found: dict[int, EncodedPassage] = {}
         for k in self._candidates(wanted):

@@ -121,7 +121,8 @@ def _obtain_compressor(cfg: RunConfig, store: Store, plan: CorpusPlan, revision:
     else:
         fit_key = digest({"model": cfg.model.name, "revision": revision, "layers": cfg.model.layers,
                           "dims": c.dims, "corpus": plan.digest, "sample": c.fit_sample, "max_length": max_length,
-                          **({"codec": c.codec, "pq_m": c.pq_m, "opq": c.opq} if c.codec != "linear" else {})})
+                          **({"codec": c.codec, "pq_m": c.pq_m, "opq": c.opq} if c.codec != "linear" else {}),
+                          **({"residual": c.residual} if c.residual != "none" else {})})
         rel = f"artifacts/compressor-fit-{fit_key}.safetensors"
         if store.exists(rel):
             data = store.read_bytes(rel)
@@ -131,8 +132,9 @@ def _obtain_compressor(cfg: RunConfig, store: Store, plan: CorpusPlan, revision:
         import ray
 
         ids, titles, texts = _fit_sample(cfg, plan)
-        log.info("fitting a %s codec on %d sampled passages (pass --compressor FILE to skip)",
-                 "PCA" if c.codec == "linear" else c.codec.upper(), len(ids))
+        log.info("fitting a %s codec%s on %d sampled passages (pass --compressor FILE to skip)",
+                 "PCA" if c.codec == "linear" else c.codec.upper(),
+                 "" if c.residual == "none" else f" (residual: {c.residual})", len(ids))
         gpus = 1 if cluster_gpus() else 0
         remote = ray.remote(num_cpus=cfg.execution.encoder_cpus, num_gpus=gpus)(_fit_task)
         data = ray.get(remote.remote(cfg.model, titles, texts, c, max_length, cfg.execution.device,

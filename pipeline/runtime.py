@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, A
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.encoder import LayeredEncoder, compute_dtype, pick_device
 from pipeline.reader import EncodedPassage, StateReader
+from pipeline.sideinfo import SideInfo
 from storage.errors import UsageError
 from storage.fs import Store
 
@@ -171,7 +172,7 @@ class DecoupledReader:
         scales = None
         if encoded[0].scales is not None:
             scales = torch.from_numpy(np.concatenate([e.scales for e in encoded])).to(self.device)
-        states = self.states.codec.decode_torch(codes, scales)
+        states = self.states.codec.decode_torch(codes, scales, SideInfo.of([e.token_ids for e in encoded]))
         return list(torch.split(states, [len(e.codes) for e in encoded]))
 
     @torch.inference_mode()

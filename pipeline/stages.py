@@ -241,6 +241,7 @@ def shard_metadata(ctx: StageContext) -> dict[str, Any]:
     return {"model": fp["model"], "model_revision": fp["model_revision"], "layers": fp["layers"],
             "compressor_sha256": fp["compressor_sha256"], "codec": fp.get("codec", "linear"), "dims": fp["dims"],
             "quantize": fp["quantize"], "bits": fp["bits"], "zstd_level": fp["zstd_level"],
-            "schema_version": SCHEMA_VERSION, "max_length": fp["max_length"]}
+            "schema_version": SCHEMA_VERSION, "max_length": fp["max_length"],
+            **({"residual": fp["residual"]} if "residual" in fp else {})}
 
 

@@ -88,6 +88,15 @@ def first_passages(n: int, tsv: Path = SAMPLE_TSV) -> list[tuple[int, str, str]]
     return out
 
 
+def edited_corpus(path: Path, rows: list[tuple], changed: set[int], deleted: set[int], new: int, first_id: int,
+                  topic: str) -> Path:
+    """`rows` as a later crawl: `changed` ids get a revised text, `deleted` ids are gone, `new` passages added."""
+    out = [(pid, text + " Revised ." if pid in changed else text, title)
+           for pid, text, title in rows if pid not in deleted]
+    out += [(first_id + k, f"A new passage number {k} about {topic} .", "New") for k in range(new)]
+    return write_tsv(path, out)
+
+
 # ---------------------------------------------------------------- S3 (moto's server on loopback)
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from pipeline.reader import StateReader
 from pipeline.run import run
 from storage import manifest as mf
 from storage.fs import IntegrityError, Store
-from tests.conftest import first_passages, write_tsv
+from tests.conftest import edited_corpus, first_passages, write_tsv
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -170,10 +170,7 @@ def pq_store(ray_local, tmp_path_factory, tiny_model):
     a = write_tsv(tmp / "a.tsv", rows)
     changed = {r[0] for r in rows[10:20]}
     deleted = {r[0] for r in rows[30:35]}
-    b_rows = [(pid, text + " Revised ." if pid in changed else text, title)
-              for pid, text, title in rows if pid not in deleted]
-    b_rows += [(50_000 + k, f"A new passage number {k} about product quantisation .", "New") for k in range(5)]
-    b = write_tsv(tmp / "b.tsv", b_rows)
+    b = edited_corpus(tmp / "b.tsv", rows, changed, deleted, 5, 50_000, "product quantisation")
     summary = run(_pq_cfg(tmp / "store", a, tiny_model))
     return dict(tmp=tmp, a=a, b=b, store=Store(str(tmp / "store")), summary=summary, changed=changed,
                 deleted=deleted, tiny_model=tiny_model)
