@@ -51,11 +51,14 @@ class Geometry:
     layers: int
     dims: int
     weights: str  # "minilm": the bundled MiniLM; "random-bert-base": time only; "mpnet": real 768-wide, 12 layers
+    residual_pq_m: int = 0  # > 0: the store codes the residual after the static-embedding prediction, OPQ M x 8 bits
 
 
 GEOMETRIES = {"minilm-3-3": Geometry("minilm-3-3", 3, 96, "minilm"),
               "bert-base-5-7": Geometry("bert-base-5-7", 5, 192, "random-bert-base"),
-              "mpnet-5-7": Geometry("mpnet-5-7", 5, 192, "mpnet")}  # benchmarks.fetch_mpnet, fetched on first use
+              "mpnet-5-7": Geometry("mpnet-5-7", 5, 192, "mpnet"),  # benchmarks.fetch_mpnet, fetched on first use
+              "minilm-3-3-residual8": Geometry("minilm-3-3-residual8", 3, 96, "minilm", residual_pq_m=8),
+              "mpnet-5-7-residual32": Geometry("mpnet-5-7-residual32", 5, 192, "mpnet", residual_pq_m=32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +103,8 @@ def long_corpus(rows, n: int, path: Path) -> Path:
 
 
 def build_store(path: str, g: Geometry, setting: str, rows, n: int, tmp: Path) -> str:
-    """The real pipeline (local Ray): lower layers, PCA to dims, int8, zstd, Parquet, manifest."""
+    """The real pipeline (local Ray): lower layers, PCA to dims, int8, zstd, Parquet, manifest (or the
+    geometry's residual OPQ codec)."""
     from pipeline.run import run
 
     store = str(tmp / f"store-{g.label}-{setting}")
@@ -109,7 +113,8 @@ def build_store(path: str, g: Geometry, setting: str, rows, n: int, tmp: Path) -
     corpus = long_corpus(rows, n, tmp / f"corpus-{setting}.tsv")
     cfg = RunConfig(store=store, corpus=CorpusConfig(url=str(corpus)),
                     model=ModelConfig(name=path, layers=g.layers, max_length=SETTINGS[setting][1]),
-                    compression=CompressionConfig(dims=g.dims, fit_sample=n))
+                    compression=CompressionConfig(dims=g.dims, fit_sample=n) if not g.residual_pq_m else
+                    CompressionConfig(codec="pq", pq_m=g.residual_pq_m, opq=True, residual="embeddings", fit_sample=n))
     run(cfg)
     return store
 
