@@ -85,7 +85,7 @@ table4)
       --fit-sample 256 --sample 300 --pq-m '' --out-dir "$OUT/table4"
   ;;
 runtime)
-  python -m benchmarks.runtime --geometries minilm-3-3,mpnet-5-7,bert-base-5-7 --workdir "$WORK/runtime" \
+  python -m benchmarks.runtime --geometries mpnet-5-7,mpnet-5-7-residual32 --workdir "$WORK/runtime" \
       --out "$OUT/runtime_cpu.json" --details "$OUT/runtime_cpu_details.json"
   python -m benchmarks.runtime --report --out "$OUT/runtime_cpu.json" --details "$OUT/runtime_cpu_details.json"
   ;;

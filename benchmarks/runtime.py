@@ -256,9 +256,10 @@ def render(rows: list[dict], details: dict) -> str:
         q, p = SETTINGS[setting]
         kind = "gpu" if r.get("device") == "cuda" else "cpu"
         ref = PAPER[kind] if kind == "cpu" else tuple(f"{x:.0%}" for x in PAPER["gpu"])
-        paper = f"{ref[0]} / {ref[1]}" if geo.startswith("bert-base") else "(BERT-base only)"
-        lines.append(f"| {geo} | {setting} ({q} + {p}) | {k} | {r['ms']:,.1f} | {d['ms']:,.1f} ({d['reduction']:.0%}) | "
-                     f"{c['ms']:,.1f} ({c['reduction']:.0%}) | {'' if cos is None else f'{cos:.4f}'} | {paper} |")
+        base = GEOMETRIES[geo].layers == 5 if geo in GEOMETRIES else geo.startswith("bert-base")  # 768 wide, 5-7
+        paper = f"{ref[0]} / {ref[1]}" if base else "(BERT-base only)"
+        lines.append(f"| {geo} | {setting} ({q} + {p}) | {k} | {r['ms']:,.1f} | {d['ms']:,.1f} ({d['reduction']:.1%}) | "
+                     f"{c['ms']:,.1f} ({c['reduction']:.1%}) | {'' if cos is None else f'{cos:.4f}'} | {paper} |")
     return "\n".join(lines)
 
 
