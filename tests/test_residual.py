@@ -105,6 +105,30 @@ def test_decode_is_encodes_reconstruction_in_torch_and_numpy(fitted):
             codec.decode(codes.numpy(), None if scales is None else scales.numpy())
 
 
+def test_a_lossless_residual_codec_returns_the_models_own_states(tiny_model):
+    """The prediction added back at decode is the one taken off at encode: with a full-width float16 inner
+    codec, decode returns the model's own hidden_states[N] (its HF forward), not a shifted copy."""
+    from transformers import AutoModel
+
+    model = ModelConfig(name=tiny_model, layers=LAYERS)
+    rows = first_passages(120)
+    titles, texts = [r[2] for r in rows], [r[1] for r in rows]
+    codec = fit_codec(model, titles[:100], texts[:100],
+                      CompressionConfig(dims=HIDDEN, quantize="none", residual="embeddings"), MAX_LEN, torch.device("cpu"))
+    hf = AutoModel.from_pretrained(tiny_model).eval()
+    encode = codec.encoder("cpu", torch.float32)
+    t = PairTokenizer(model, MAX_LEN)(titles[100:], texts[100:])
+    for ids, types in zip(t.input_ids, t.token_type_ids):
+        with torch.no_grad():
+            ref = hf(input_ids=torch.as_tensor(ids, dtype=torch.long)[None],
+                     token_type_ids=torch.as_tensor(types, dtype=torch.long)[None],
+                     output_hidden_states=True).hidden_states[LAYERS][0]
+        side = SideInfo.of([np.asarray(ids, np.int64)])
+        codes, scales = encode(ref, side)
+        got = codec.decode(codes.numpy(), scales, side)
+        assert np.linalg.norm(got - ref.numpy()) / np.linalg.norm(ref.numpy()) < 2e-3
+
+
 def test_the_fingerprint_names_the_residual_only_when_there_is_one(fitted):
     fields = fitted["pq"].fingerprint_fields()
     assert fields["residual"] == "embeddings" and fields["pq_m"] == 8
