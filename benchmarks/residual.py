@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.codecs import compare_stores, fetch_args
+from benchmarks.codecs import compare_stores, fetch_args, speed_cells
 from benchmarks.proc import start_benchmark
 from pipeline.config import CompressionConfig
 
@@ -56,11 +56,7 @@ def render(data: dict) -> str:
     for r in data["rows"]:
         lines.append(f"| {r['codec']} | {r['bytes_per_token']:.2f} | {r['code_bytes_per_token']:.2f} | "
                      f"{r['estimate_relative_error']:+.2%} | {r['codebook_bytes'] / 1e6:.1f} MB | "
-                     f"{r['lookup_token_cosine']:.4f} | {r['lookup_relative_error']:.4f} | "
-                     f"{r['actor_encode_tokens_per_s']:,.0f} | "
-                     f"{r['actor_encode_tokens_per_s'] / base['actor_encode_tokens_per_s']:.2f} | "
-                     f"{r['get_median_ms']:.1f} / {r['get_p99_ms']:.1f} | {r['get_median_ms'] / base['get_median_ms']:.2f} "
-                     f"| {r['decode_median_ms']:.1f} |")
+                     f"{r['lookup_token_cosine']:.4f} | {r['lookup_relative_error']:.4f} | {speed_cells(r, base)}")
     return "\n".join(lines)
 
 
