@@ -24,6 +24,7 @@ from benchmarks.proc import start_benchmark
 from pipeline.config import ModelConfig, resolve_model
 from pipeline.reader import StateReader
 from pipeline.tokenize import PairTokenizer
+from storage.errors import PrecomputeError
 from storage.fs import Store
 
 log = logging.getLogger("stored_vs_model")
@@ -72,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--ids {args.ids!r}: a comma list of integers")
     if not ids:
         p.error("--ids: at least one id")
-    out = compare(args.store, ids)
+    try:
+        out = compare(args.store, ids)
+    except PrecomputeError as exc:  # no version, damaged files, a refused codec: one line, the CLI's exit code
+        log.error("%s", exc)
+        return exc.exit_code
     for r in out["passages"]:
         print(f"id {r['id']:>6}: {r['tokens']:>4} tokens, mean token cosine {r['mean_token_cosine']:.4f}, "
               f"min {r['min_token_cosine']:.4f}, relative error {r['relative_error']:.4f}")
