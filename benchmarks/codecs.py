@@ -35,8 +35,8 @@ OUT = Path("reports/codecs_cpu.json")
 
 def build(url: str, compression: CompressionConfig) -> dict:
     """Run the pipeline into `url`; what it wrote and how fast its encoders went."""
-    from pipeline.codec import codec_for_store
-    from pipeline.run import run
+    from pipeline.codec.state_codec import codec_for_store
+    from pipeline.flows.run import run
     from storage import manifest as mf
     from storage.footprint import measure, validate
     from storage.fs import Store
@@ -63,7 +63,7 @@ def build(url: str, compression: CompressionConfig) -> dict:
 
 
 def fetch_latency(urls: dict[str, str], k: int, calls: int) -> dict[str, dict]:
-    from pipeline.reader import StateReader
+    from pipeline.serve.state_reader import StateReader
     from storage.fs import Store
 
     readers = {name: StateReader(Store(url), verify="size") for name, url in urls.items()}

@@ -27,7 +27,7 @@ import numpy as np
 from benchmarks.proc import start_benchmark
 from benchmarks.runtime import sample_rows
 from pipeline.config import BUNDLED_CORPUS, BUNDLED_MODEL, CompressionConfig, CorpusConfig, ModelConfig, RunConfig
-from pipeline.reader import StateReader
+from pipeline.serve.state_reader import StateReader
 from storage.fs import Store
 
 log = logging.getLogger("benchmark")
@@ -65,8 +65,8 @@ class S3Counter:
 
 def build(tmp: Path, row_groups: list[int]) -> tuple[str, dict[int, int]]:
     """The demo store on the bundled sample, then one compacted version per row-group size."""
-    from pipeline.compact import compact
-    from pipeline.run import run
+    from pipeline.flows.compact import compact
+    from pipeline.flows.run import run
 
     url = str(tmp / "store")
     cfg = RunConfig(store=url, corpus=CorpusConfig(url=BUNDLED_CORPUS),

@@ -32,8 +32,8 @@ def _tiny_checkpoint(tmp: str, hidden: int = 768, layers: int = 2) -> str:
 def packed_vs_mask(model_path: str, device: torch.device, n: int = 48, seed: int = 0) -> dict:
     """Largest |difference| of packed and masked states (compute dtype) from the float32 masked forward."""
     from pipeline.config import ModelConfig
-    from pipeline.encoder import LayeredEncoder, pad_flat
-    from pipeline.packed import PackedBatch, PackedLowerLayers, varlen_available
+    from pipeline.model.encoder import LayeredEncoder, pad_flat
+    from pipeline.model.packed_attention import PackedBatch, PackedLowerLayers, varlen_available
 
     rng = np.random.default_rng(seed)
     lengths = np.sort(rng.integers(8, 200, n))[::-1].copy()
@@ -61,10 +61,10 @@ def packed_vs_mask(model_path: str, device: torch.device, n: int = 48, seed: int
 def shard_encoder_check(model_path: str, device: torch.device, n: int = 64, seed: int = 1) -> dict:
     """ShardEncoder.encode_flat (token-budget batches, codec on the device, overlapped host copies) on
     `device`, packed and masked, against float32 on the CPU: relative error of the decoded states."""
-    from pipeline.codec import LinearCodec
-    from pipeline.compress import PcaAccumulator
+    from pipeline.codec.state_codec import LinearCodec
+    from pipeline.codec.projection import PcaAccumulator
     from pipeline.config import ModelConfig
-    from pipeline.encoder import ShardEncoder
+    from pipeline.model.encoder import ShardEncoder
 
     rng = np.random.default_rng(seed)
     lengths = rng.integers(8, 200, n)
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     import tempfile
 
     from pipeline.config import ConfigError
-    from pipeline.encoder import pick_device
+    from pipeline.model.encoder import pick_device
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None)

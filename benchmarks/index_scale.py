@@ -92,13 +92,13 @@ def build_data(root: Path, n: int, dim: int) -> Path:
 # ---------------------------------------------------------------- children (each one is a driver)
 
 def _spec(data: Path, a):
-    from pipeline.index_build import IndexSpec
+    from pipeline.index.build import IndexSpec
 
     return IndexSpec(str(data), {}, a.factory, a.train_sample, a.nprobe, task_cpus=1.0, part_rows=a.part_rows)
 
 
 def _all_vectors(data: Path, shards: list[dict], dead: set[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    from pipeline.index_build import read_embeddings
+    from pipeline.index.build import read_embeddings
 
     got = [read_embeddings(str(data), {}, s["path"]) for s in shards]
     ids, vecs = np.concatenate([i for i, _ in got]), np.concatenate([v for _, v in got])
@@ -111,8 +111,8 @@ def _all_vectors(data: Path, shards: list[dict], dead: set[int] | None = None) -
 def child(step: str, data: Path, a) -> dict:
     import ray
 
-    from pipeline import index as fx
-    from pipeline.index_build import build_index_from, update_delta
+    from pipeline.index import faiss_file as fx
+    from pipeline.index.build import build_index_from, update_delta
     from storage.fs import Store
     from storage.manifest import artifact_files
 
@@ -152,7 +152,7 @@ def child(step: str, data: Path, a) -> dict:
 def recall(data: Path, a) -> dict:
     import faiss
 
-    from pipeline import index as fx
+    from pipeline.index import faiss_file as fx
     from storage.fs import Store
 
     layout = json.loads((data / "shards.json").read_text())

@@ -35,7 +35,7 @@ OUT = Path("reports/residual_cpu.json")
 def lookup_fidelity(url: str, n: int, seed: int = 0) -> dict:
     """Mean token cosine (and relative error) of stored states vs the model's own hidden states."""
     from benchmarks.stored_vs_model import compare
-    from pipeline.reader import StateReader
+    from pipeline.serve.state_reader import StateReader
     from storage.fs import Store
 
     ids = StateReader(Store(url)).ids()

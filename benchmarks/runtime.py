@@ -32,7 +32,7 @@ import torch
 
 from pipeline.config import BUNDLED_CORPUS, BUNDLED_MODEL, CompressionConfig, CorpusConfig, ModelConfig, RunConfig, \
     resolve_corpus, resolve_model
-from pipeline.runtime import DecoupledReader, RuntimeConfig
+from pipeline.serve.qa_reader import DecoupledReader, RuntimeConfig
 from benchmarks.geometry import bert_base_checkpoint
 from benchmarks.proc import start_benchmark
 from storage.fs import Store
@@ -105,7 +105,7 @@ def long_corpus(rows, n: int, path: Path) -> Path:
 def build_store(path: str, g: Geometry, setting: str, rows, n: int, tmp: Path) -> str:
     """The real pipeline (local Ray): lower layers, PCA to dims, int8, zstd, Parquet, manifest (or the
     geometry's residual OPQ codec)."""
-    from pipeline.run import run
+    from pipeline.flows.run import run
 
     store = str(tmp / f"store-{g.label}-{setting}")
     if Path(store).exists():

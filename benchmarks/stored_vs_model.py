@@ -22,8 +22,8 @@ from transformers import AutoModel
 
 from benchmarks.proc import start_benchmark
 from pipeline.config import ModelConfig, resolve_model
-from pipeline.reader import StateReader
-from pipeline.tokenize import PairTokenizer
+from pipeline.serve.state_reader import StateReader
+from pipeline.model.tokenizer import PairTokenizer
 from storage.errors import PrecomputeError
 from storage.fs import Store
 

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from pipeline.codec import Codec, LinearCodec
-from pipeline.compress import Compressor
+from pipeline.codec.state_codec import Codec, LinearCodec
+from pipeline.codec.projection import Compressor
 from pipeline.config import (BUNDLED_MODEL, CompressionConfig, CorpusConfig, ExecutionConfig, ModelConfig,
                              RunConfig, resolve_model)
-from pipeline.corpus import Corpus
-from pipeline.encoder import ShardEncoder, compute_dtype, pick_device
-from pipeline.tokenize import PairTokenizer
+from pipeline.corpus.source import Corpus
+from pipeline.model.encoder import ShardEncoder, compute_dtype, pick_device
+from pipeline.model.tokenizer import PairTokenizer
 from benchmarks.geometry import bert_base_checkpoint
 from benchmarks.proc import start_benchmark
 
@@ -136,14 +136,14 @@ def _tok(tok, titles, texts):
 
 
 def fit(model: ModelConfig, titles, texts, dims: int, device) -> Compressor:
-    from pipeline.fit import fit_compressor
-    from pipeline.tokenize import model_max_length
+    from pipeline.codec.fitting import fit_compressor
+    from pipeline.model.tokenizer import model_max_length
     return fit_compressor(model, titles[:256], texts[:256], dims, model_max_length(model), device)
 
 
 def fit_pq_codec(model: ModelConfig, titles, texts, m: int, opq: bool, device) -> Codec:
-    from pipeline.fit import fit_codec
-    from pipeline.tokenize import model_max_length
+    from pipeline.codec.fitting import fit_codec
+    from pipeline.model.tokenizer import model_max_length
     return fit_codec(model, titles[:256], texts[:256], CompressionConfig(codec="pq", pq_m=m, opq=opq),
                      model_max_length(model), device)
 
@@ -154,7 +154,7 @@ def e2e(model: ModelConfig, comp: Compressor, ids, titles, texts, repeat: int, s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.run import run
+    from pipeline.flows.run import run
 
     tmp = tempfile.mkdtemp(prefix="bench-")
     corpus = os.path.join(tmp, "corpus.parquet")  # Parquet: texts that open with a quote stay one field

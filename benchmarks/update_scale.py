@@ -82,7 +82,7 @@ def build_store(work: Path, n: int, a: Path, texts: list[str], model: Path) -> P
     """A real 2,000-passage run, inflated to N with copies of its states (format-1 manifest, v2)."""
     import pyarrow as pa
 
-    from pipeline.corpus import content_hash
+    from pipeline.corpus.source import content_hash
     from storage import manifest as mf
     from storage.fs import Store
     from storage.shards import read_metadata, read_rows, write_shard
@@ -131,7 +131,7 @@ def child(kind: str, store: str, corpus: str, out: str) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     result: dict = {}
     if kind == "reader":
-        from pipeline.reader import StateReader
+        from pipeline.serve.state_reader import StateReader
         from storage.fs import Store
 
         reader = StateReader(Store(store), verify="size")

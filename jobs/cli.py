@@ -46,7 +46,7 @@ def _add_corpus_options(g) -> None:
 
 def _corpus(a):
     """The corpus the flags name, read with its own options."""
-    from pipeline.corpus import Corpus
+    from pipeline.corpus.source import Corpus
 
     return Corpus(_corpus_cfg(a), _storage_options(a.corpus_storage_options, "--corpus-storage-options"))
 
@@ -168,7 +168,7 @@ def cmd_run(a) -> int:
 
 def print_plan(cfg: RunConfig, gpu, as_json: bool) -> int:
     """Dry run of an encode: scan the corpus, tokenise a sample, price it; start nothing, write nothing."""
-    from pipeline.dryrun import plan_run
+    from pipeline.flows.dry_run import plan_run
 
     plan = plan_run(cfg, gpu)
     print(json.dumps(plan.to_dict(), indent=1) if as_json else plan.render())
@@ -176,13 +176,13 @@ def print_plan(cfg: RunConfig, gpu, as_json: bool) -> int:
 
 
 def _gpu_assumptions(a):
-    from pipeline.jobplan import GpuAssumptions
+    from pipeline.flows.job_cost import GpuAssumptions
     return GpuAssumptions(peak_tflops=a.gpu_tflops, utilisation=a.gpu_utilisation,
                           tokens_per_second=a.gpu_tokens_per_second, price_per_gpu_hour=a.gpu_price)
 
 
 def _add_plan(p: argparse.ArgumentParser) -> None:
-    from pipeline.jobplan import GpuAssumptions
+    from pipeline.flows.job_cost import GpuAssumptions
     d = GpuAssumptions()
     g = p.add_argument_group("dry-run plan (GPU-hours)")
     g.add_argument("--dry-run", action="store_true", help="print passages, shards, GPU-hours and storage; do nothing")
@@ -197,7 +197,7 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
 
 
 def run_and_report(cfg: RunConfig, summary_json: str | None) -> int:
-    from pipeline.run import run
+    from pipeline.flows.run import run
 
     summary = run(cfg)
     print(summary.render())
@@ -214,8 +214,8 @@ def _fit_settings(a):
 
 
 def cmd_fit(a) -> int:
-    from pipeline.encoder import pick_device
-    from pipeline.fit import fit_on_corpus
+    from pipeline.model.encoder import pick_device
+    from pipeline.codec.fitting import fit_on_corpus
     from storage.fs import redact_url, write_url
 
     codec = fit_on_corpus(_model_cfg(a), _corpus(a), _fit_settings(a), a.sample, a.seed, pick_device(a.device))
@@ -229,9 +229,9 @@ def cmd_fit(a) -> int:
 
 
 def cmd_fidelity(a) -> int:
-    from pipeline.codec import codec_from_bytes
-    from pipeline.encoder import pick_device
-    from pipeline.fit import fidelity_on_corpus
+    from pipeline.codec.state_codec import codec_from_bytes
+    from pipeline.model.encoder import pick_device
+    from pipeline.codec.fitting import fidelity_on_corpus
     from storage.fs import Location, read_url, redact_url, write_url
 
     where = redact_url(a.compressor)
@@ -273,7 +273,7 @@ def _parse_ids(raw: str) -> list[int]:
 
 
 def cmd_lookup(a) -> int:
-    from pipeline.reader import StateReader
+    from pipeline.serve.state_reader import StateReader
     from storage.fs import Store
 
     ids = _parse_ids(a.ids)
@@ -335,7 +335,7 @@ def cmd_gc(a) -> int:
 def cmd_estimate(a) -> int:
     from storage.estimate import PRICE_TIERS, Assumptions, default_zstd_ratio, estimate, render
 
-    from pipeline.codec import planned_layout
+    from pipeline.codec.state_codec import planned_layout
 
     tpp, ratio = a.tokens_per_passage, a.zstd_ratio
     if a.sample_corpus:
@@ -379,8 +379,8 @@ def cmd_estimate(a) -> int:
 
 def _measure_sample(a, tpp: float, ratio: float | None) -> tuple[float, float | None]:
     """Tokens per passage (and, with --zstd-ratio unset, the code zstd ratio) from a corpus sample."""
-    from pipeline.corpus import Corpus
-    from pipeline.dryrun import measure_sample
+    from pipeline.corpus.source import Corpus
+    from pipeline.flows.dry_run import measure_sample
 
     from pipeline.config import CompressionConfig
 
@@ -406,7 +406,7 @@ def cmd_validate(a) -> int:
     fp = measure(store, m)
     if a.target_passages < 1 or not 0 < a.tolerance < 1:
         raise ConfigError("--target-passages must be positive and --tolerance in (0, 1)")
-    from pipeline.codec import codec_for_store
+    from pipeline.codec.state_codec import codec_for_store
 
     art = m.artifacts["compressor"]
     codec = codec_for_store(store.read_verified(art), art["path"], m.fingerprint)
@@ -441,8 +441,8 @@ def cmd_validate(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from pipeline.encoder import pick_device
-    from pipeline.ratedistortion import PQFamily, ResidualFamily, plot_png, sweep_corpus
+    from pipeline.model.encoder import pick_device
+    from pipeline.codec.rate_distortion import PQFamily, ResidualFamily, plot_png, sweep_corpus
     from storage.fs import redact_url, write_url
 
     model = _model_cfg(a)
@@ -496,7 +496,7 @@ def _int_list(raw: str | None, flag: str) -> list[int]:
 
 
 def cmd_plan_index(a) -> int:
-    from pipeline.index_plan import parse_bytes, plan_index
+    from pipeline.index.plan import parse_bytes, plan_index
 
     try:
         plan = plan_index(a.vectors, a.dim, parse_bytes(a.memory))
@@ -510,7 +510,7 @@ def cmd_plan_index(a) -> int:
 
 
 def cmd_search(a) -> int:
-    from pipeline.search import Searcher
+    from pipeline.serve.searcher import Searcher
     from storage.fs import Store
 
     if not a.question or not a.question.strip():
@@ -541,7 +541,7 @@ def cmd_search(a) -> int:
 # ---------------------------------------------------------------- answer (the decoupled reader)
 
 def cmd_answer(a) -> int:
-    from pipeline.runtime import DecoupledReader, RuntimeConfig, check_k, check_question
+    from pipeline.serve.qa_reader import DecoupledReader, RuntimeConfig, check_k, check_question
     from storage.fs import Store
 
     question, k = check_question(a.question), check_k(a.k)
@@ -624,13 +624,13 @@ def _update_config(a) -> RunConfig:
 
 
 def cmd_update(a) -> int:
-    from pipeline.corpus import Corpus
-    from pipeline.update import plan_update, run_update
+    from pipeline.corpus.source import Corpus
+    from pipeline.flows.update import plan_update, run_update
     from storage.fs import Store
 
     cfg = _update_config(a)
     if a.dry_run:
-        from pipeline.dryrun import plan_delta
+        from pipeline.flows.dry_run import plan_delta
 
         plan = plan_update(Store(cfg.store, cfg.storage_options), Corpus(cfg.corpus, cfg.corpus_storage_options),
                            cfg.execution)[-1]
@@ -647,7 +647,7 @@ def cmd_update(a) -> int:
 
 
 def cmd_index(a) -> int:
-    from pipeline.reindex import ReindexConfig, plan_reindex, reindex
+    from pipeline.flows.reindex import ReindexConfig, plan_reindex, reindex
 
     cfg = ReindexConfig(store=a.store, factory=a.factory, train_sample=a.train_sample, nprobe=a.nprobe,
                         ray_address=a.address, storage_options=_storage_options(a.storage_options))
@@ -660,7 +660,7 @@ def cmd_index(a) -> int:
 
 
 def cmd_compact(a) -> int:
-    from pipeline.compact import compact
+    from pipeline.flows.compact import compact
     from storage import manifest as mf
     from storage.fs import Store
 

@@ -13,7 +13,7 @@ import yaml
 from pipeline.config import ConfigError
 
 NUM = (int, float)
-# The `plan:` section every job accepts: what its --dry-run assumes about GPUs (see pipeline/jobplan.py).
+# The `plan:` section every job accepts: what its --dry-run assumes about GPUs (see pipeline/flows/job_cost.py).
 PLAN_SCHEMA = {"tokens_per_second": NUM, "peak_tflops": NUM, "utilisation": NUM, "price_per_gpu_hour": NUM}
 PLAN_FLAGS = {"tokens_per_second": "--gpu-tokens-per-second", "peak_tflops": "--gpu-tflops",
               "utilisation": "--gpu-utilisation", "price_per_gpu_hour": "--gpu-price"}
@@ -75,7 +75,7 @@ def check_store_for_submitted_job(store: str) -> None:
 
 
 def gpu_assumptions(plan: dict[str, Any] | None):
-    from pipeline.jobplan import GpuAssumptions
+    from pipeline.flows.job_cost import GpuAssumptions
 
     return GpuAssumptions(**check(plan or {}, PLAN_SCHEMA, where="plan."))
 

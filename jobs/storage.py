@@ -60,7 +60,7 @@ NOTE = "tokens per passage and zstd ratio are assumptions here (the zstd ratio u
 
 def _plan(body: dict):
     """Encode plan from the job's assumptions alone: BERT geometry (FFN = 4 x hidden), no corpus read."""
-    from pipeline.jobplan import ModelGeometry, encode_plan
+    from pipeline.flows.job_cost import ModelGeometry, encode_plan
     from storage.estimate import Assumptions, default_zstd_ratio, estimate
 
     keys = ("passages", "tokens_per_passage", "hidden", "dims", "bits", "zstd_ratio", "dpr_dim")

@@ -13,7 +13,7 @@ from storage.errors import UsageError
 BUNDLED_MODEL = "bundled:all-minilm-l6-v2"
 BUNDLED_CORPUS = "bundled:wiki_passages_2k"
 
-ATTENTION_CHOICES = ("auto", "mask", "packed")  # how the encoder batches: see pipeline/packed.py
+ATTENTION_CHOICES = ("auto", "mask", "packed")  # how the encoder batches: see pipeline/model/packed_attention.py
 
 _CHOICES = {
     "format": ("auto", "tsv", "jsonl", "parquet", "hf"),
@@ -111,7 +111,7 @@ class CompressionConfig:
     pq_m: int = 32  # pq codec: sub-quantisers = bytes per token; must divide the stored dims
     opq: bool = False  # pq codec: learn a rotation first (OPQ): better fidelity, slower fit
     residual: str = "none"  # embeddings: code h minus its prediction from the token's static embedding
-    #                          (pipeline/sideinfo.py); none: the states themselves (stores written before)
+    #                          (pipeline/codec/side_info.py); none: the states themselves (stores written before)
     zstd_level: int | None = None  # 0 = codes stored raw; default: 3 for linear, 0 for pq (its codes do not
     #                                   compress per passage: measured 32.0 -> 32.0 B/token, `precompute report`)
 

@@ -14,13 +14,13 @@ import torch
 import transformers as tf
 
 from jobs.cli import main as cli
-from pipeline.compress import Compressor
+from pipeline.codec.projection import Compressor
 from pipeline.config import CompressionConfig, ConfigError, CorpusConfig, ModelConfig, RunConfig
-from pipeline.encoder import InputComponent, LayeredEncoder
-from pipeline.reader import StateReader
-from pipeline.run import run
-from pipeline.runtime import DecoupledReader, RuntimeConfig
-from pipeline.tokenize import PairTokenizer
+from pipeline.model.encoder import InputComponent, LayeredEncoder
+from pipeline.serve.state_reader import StateReader
+from pipeline.flows.run import run
+from pipeline.serve.qa_reader import DecoupledReader, RuntimeConfig
+from pipeline.model.tokenizer import PairTokenizer
 from storage.fs import Store
 from tests.conftest import first_passages
 

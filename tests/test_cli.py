@@ -125,7 +125,7 @@ def test_storage_and_update_jobs_check_their_keys(tmp_path, capsys):
 
 
 def test_jobplan_arithmetic():
-    from pipeline.jobplan import (
+    from pipeline.flows.job_cost import (
         GpuAssumptions,
         ModelGeometry,
         encode_plan,
@@ -202,7 +202,7 @@ def test_index_job_refuses_a_store_without_a_version(tmp_path, caplog):
 
 
 def test_factory_bytes_per_vector_matches_the_measured_sizes():
-    from pipeline.index_plan import factory_bytes_per_vector as per
+    from pipeline.index.plan import factory_bytes_per_vector as per
     # 392, 24 and 648 B/vector are the sizes measured on the 384-dim MiniLM index (README, recall row)
     assert per("IVF32,SQ8", 384) == 392 and per("IVF32,PQ16", 384) == 24 and per("HNSW32,SQ8", 384) == 648
     assert per("Flat", 768) == 4 * 768 + 8 and per("IVF1024,PQ16x4", 768) == 16

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from jobs.cli import main as cli
-from pipeline.codec import CODECS, CodeLayout, LinearCodec, PQCodec, codec_for_store, codec_from_bytes, planned_layout
-from pipeline.compress import CompressorError, PcaAccumulator
+from pipeline.codec.state_codec import CODECS, CodeLayout, LinearCodec, PQCodec, codec_for_store, codec_from_bytes, planned_layout
+from pipeline.codec.projection import CompressorError, PcaAccumulator
 from pipeline.config import CompressionConfig, ConfigError, CorpusConfig, ExecutionConfig, ModelConfig, RunConfig
-from pipeline.pqfit import PQFit, fit_pq
-from pipeline.reader import StateReader
-from pipeline.run import run
+from pipeline.codec.pq_training import PQFit, fit_pq
+from pipeline.serve.state_reader import StateReader
+from pipeline.flows.run import run
 from storage import manifest as mf
 from storage.fs import IntegrityError, Store
 from tests.conftest import edited_corpus, first_passages, write_tsv
@@ -149,7 +149,7 @@ def test_layouts_feed_the_storage_model_without_naming_a_codec():
 def test_readers_and_validate_never_branch_on_a_codec():
     """Decoding and byte accounting go through the interface: no codec class or kind named there."""
     root = Path(__file__).resolve().parents[1]
-    for rel in ("pipeline/reader.py", "storage/footprint.py", "pipeline/encoder.py", "pipeline/sink.py"):
+    for rel in ("pipeline/serve/state_reader.py", "storage/footprint.py", "pipeline/model/encoder.py", "pipeline/workers/sink.py"):
         text = (root / rel).read_text()
         for word in ("PQCodec", "LinearCodec", '"pq"', "'pq'", "dequantize", "Compressor"):
             assert word not in text, (rel, word)
@@ -178,8 +178,8 @@ def pq_store(ray_local, tmp_path_factory, tiny_model):
 
 def _direct_states(tiny_model, pids):
     """The input component's states for these passages, computed here without the pipeline."""
-    from pipeline.encoder import LayeredEncoder, pad_batch
-    from pipeline.tokenize import PairTokenizer
+    from pipeline.model.encoder import LayeredEncoder, pad_batch
+    from pipeline.model.tokenizer import PairTokenizer
 
     model = ModelConfig(name=tiny_model, layers=2)
     rows = {r[0]: r for r in first_passages(600)}
@@ -260,8 +260,8 @@ def test_resume_with_a_different_codebook_reuses_nothing(pq_store):
 
 
 def test_pq_store_updates_and_compacts(pq_store):
-    from pipeline.compact import compact
-    from pipeline.update import run_update
+    from pipeline.flows.compact import compact
+    from pipeline.flows.update import run_update
 
     store = pq_store["store"]
     versions = mf.list_versions(store)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from pipeline.compress import Compressor, CompressorError, PcaAccumulator
+from pipeline.codec.projection import Compressor, CompressorError, PcaAccumulator
 
 
 def _low_rank(n=4000, hidden=64, rank=8, seed=0):

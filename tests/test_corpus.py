@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ConfigError, CorpusConfig
-from pipeline.corpus import Corpus, CorpusError, content_hash, normalise
+from pipeline.corpus.source import Corpus, CorpusError, content_hash, normalise
 from tests.conftest import first_passages, write_tsv
 
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from pipeline.codec import LinearCodec
-from pipeline.compress import PcaAccumulator
+from pipeline.codec.state_codec import LinearCodec
+from pipeline.codec.projection import PcaAccumulator
 from pipeline.config import ConfigError, ModelConfig
-from pipeline.encoder import LayeredEncoder, ShardEncoder, token_budget_batches
-from pipeline.tokenize import PairTokenizer, model_max_length
+from pipeline.model.encoder import LayeredEncoder, ShardEncoder, token_budget_batches
+from pipeline.model.tokenizer import PairTokenizer, model_max_length
 from tests.conftest import first_passages
 
 CPU = torch.device("cpu")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import CompressionConfig, CorpusConfig, ExecutionConfig, ModelConfig, RunConfig
-from pipeline.run import run
+from pipeline.flows.run import run
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = 50
@@ -37,7 +37,7 @@ def small_store(ray_local, tmp_path_factory, tiny_model, sample_tsv):
 
 
 def test_read_commands_never_load_torch():
-    code = ("import sys; from jobs.cli import cmd_lookup, cmd_verify; from pipeline.reader import StateReader; "
+    code = ("import sys; from jobs.cli import cmd_lookup, cmd_verify; from pipeline.serve.state_reader import StateReader; "
             "from storage import manifest; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                          capture_output=True, text=True, check=True).stdout.strip()

@@ -14,9 +14,9 @@ import pytest
 
 from jobs.cli import main as cli
 from pipeline.config import CompressionConfig, CorpusConfig, ExecutionConfig, ModelConfig, RunConfig
-from pipeline.reader import StateReader
-from pipeline.run import run
-from pipeline.stages import EncodeStage
+from pipeline.serve.state_reader import StateReader
+from pipeline.flows.run import run
+from pipeline.workers.steps import EncodeStage
 from storage import manifest as mf
 from storage.fs import Store
 from tests.conftest import REPO, S3_SECRET, make_bucket, s3_options

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from jobs.cli import main as cli
-from pipeline import index as fx
-from pipeline.index_plan import parse_bytes, plan_index
+from pipeline.index import faiss_file as fx
+from pipeline.index.plan import parse_bytes, plan_index
 from storage.fs import Store, sha256_bytes
 
 
@@ -87,7 +87,7 @@ def test_flat_or_hnsw_over_millions_is_refused_with_an_ivf_proposal():
 
 
 def test_training_sample_is_sized_to_the_lists_uniform_and_deterministic():
-    from pipeline.index_plan import group_shards, sample_positions, train_size
+    from pipeline.index.plan import group_shards, sample_positions, train_size
     assert train_size(16384, 32_000_000, 100_000) == 39 * 16384  # FAISS' floor beats a small request
     assert train_size(1024, 32_000_000, 10_000_000) == 256 * 1024  # and its ceiling a big one
     assert train_size(1024, 50_000, 100_000) == 50_000  # never more than the corpus

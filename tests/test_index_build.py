@@ -11,12 +11,12 @@ import faiss
 import numpy as np
 import pytest
 
-from pipeline import index as fx
-from pipeline.compact import compact
+from pipeline.index import faiss_file as fx
+from pipeline.flows.compact import compact
 from pipeline.config import CompressionConfig, CorpusConfig, DprConfig, ExecutionConfig, ModelConfig, RunConfig
-from pipeline.index_build import IndexSpec, _add_task, _merge_task, build_index_from, read_embeddings
-from pipeline.run import run
-from pipeline.update import run_update
+from pipeline.index.build import IndexSpec, _add_task, _merge_task, build_index_from, read_embeddings
+from pipeline.flows.run import run
+from pipeline.flows.update import run_update
 from storage import manifest as mf
 from storage.fs import IntegrityError, Store
 from tests.conftest import first_passages, write_tsv
@@ -232,7 +232,7 @@ def test_a_build_marker_is_reused_only_for_the_same_inputs(stores, caplog):
     spec = IndexSpec(store.url, {}, FACTORY, 2000, NLIST)
     shards = v1.shards_of("dpr")
     first = build_index_from(spec, store, "runs/test-reuse", shards)
-    with caplog.at_level(logging.INFO, logger="pipeline.index_build"):
+    with caplog.at_level(logging.INFO, logger="pipeline.index.build"):
         again = build_index_from(spec, store, "runs/test-reuse", shards)
     assert again == first and "reusing" in caplog.text
     fewer = build_index_from(spec, store, "runs/test-reuse", shards, {shards[0]["path"]: np.array([1, 2, 3])})

@@ -12,7 +12,7 @@ import pytest
 
 from jobs.cli import main as cli
 from pipeline.config import CompressionConfig, ConfigError, CorpusConfig, ModelConfig, RunConfig, run_config_from_dict
-from pipeline.run import run
+from pipeline.flows.run import run
 from storage import manifest as mf
 from storage.fs import Location, Store
 from tests.conftest import first_passages, make_bucket, s3_options, s3_server_process, write_tsv

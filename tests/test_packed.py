@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, ElectraConfig, ElectraModel
 
-from pipeline.codec import LinearCodec
-from pipeline.compress import PcaAccumulator
+from pipeline.codec.state_codec import LinearCodec
+from pipeline.codec.projection import PcaAccumulator
 from pipeline.config import ConfigError, ModelConfig
-from pipeline.encoder import LayeredEncoder, ShardEncoder, pad_flat
-from pipeline.packed import PackedBatch, PackedLowerLayers, padded_attention, token_index
+from pipeline.model.encoder import LayeredEncoder, ShardEncoder, pad_flat
+from pipeline.model.packed_attention import PackedBatch, PackedLowerLayers, padded_attention, token_index
 
 CPU = torch.device("cpu")
 
@@ -154,7 +154,7 @@ def test_compiled_packed_layers_equal_eager_without_recompiling(tiny_model):
 def test_arrow_list_columns_round_trip_without_per_row_objects():
     import pyarrow as pa
 
-    from pipeline.stages import binary_column, flat_lists, list_column
+    from pipeline.workers.steps import binary_column, flat_lists, list_column
 
     col = pa.chunked_array([pa.array([[1, 2], [3]], pa.list_(pa.uint16())),
                             pa.array([[], [4, 5, 6]], pa.list_(pa.uint16()))])

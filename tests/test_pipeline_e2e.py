@@ -8,9 +8,9 @@ from transformers import AutoTokenizer
 
 from jobs.cli import main as cli
 from pipeline.config import BUNDLED_MODEL, CompressionConfig, CorpusConfig, DprConfig, ModelConfig, RunConfig
-from pipeline.encoder import LayeredEncoder, pad_batch
-from pipeline.reader import StateReader
-from pipeline.run import run
+from pipeline.model.encoder import LayeredEncoder, pad_batch
+from pipeline.serve.state_reader import StateReader
+from pipeline.flows.run import run
 from storage import manifest as mf
 from storage.fs import Store
 from storage.shards import read_metadata
@@ -162,7 +162,7 @@ def _queries(n=200, seed=3):
 
 
 def test_index_ids_equal_manifest_ids(sample_store):
-    from pipeline import index as fx
+    from pipeline.index import faiss_file as fx
     cfg, _ = sample_store
     store = Store(cfg.store)
     m = mf.load(store)
@@ -180,7 +180,7 @@ def read_rows_ids(store, path):
 
 
 def test_first_sentence_finds_its_passage_in_the_top_5(sample_store):
-    from pipeline.search import Searcher
+    from pipeline.serve.searcher import Searcher
     cfg, _ = sample_store
     searcher = Searcher(Store(cfg.store))
     queries = _queries()
@@ -192,9 +192,9 @@ def test_first_sentence_finds_its_passage_in_the_top_5(sample_store):
 
 
 def test_approximate_index_recall_at_10_against_flat(sample_store):
-    from pipeline import index as fx
-    from pipeline.index_build import read_embeddings as _read_embeddings
-    from pipeline.search import Searcher
+    from pipeline.index import faiss_file as fx
+    from pipeline.index.build import read_embeddings as _read_embeddings
+    from pipeline.serve.searcher import Searcher
     cfg, _ = sample_store
     store = Store(cfg.store)
     m = mf.load(store)

@@ -86,7 +86,7 @@ def test_model_geometry_and_factory_fail_before_ray(tmp_path, tiny_model, flags,
 
 def test_an_error_raised_in_a_ray_worker_is_one_line_with_its_exit_code(ray_local, caplog):
     from jobs.cli import guarded
-    from pipeline.corpus import CorpusError
+    from pipeline.corpus.source import CorpusError
     from storage.manifest import CommitConflict
 
     @ray_local.remote
@@ -130,7 +130,7 @@ def test_run_prints_readable_progress_before_ray_starts_and_per_shard(tmp_path, 
 
 
 def test_progress_line_and_sizes_render():
-    from pipeline.run import progress_line
+    from pipeline.flows.run import progress_line
     from storage.manifest import Sizes
 
     assert progress_line(3, 12, 3_000, 30.0) == "encoded 3/12 shards (~3,000 passages, 100 passages/s), ETA 1m 30s"

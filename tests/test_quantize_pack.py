@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.pack import PackError, Packer
-from pipeline.quantize import dequantize, qmax, quantize
+from pipeline.codec.zstd_frames import PackError, Packer
+from pipeline.codec.quantize import dequantize, qmax, quantize
 
 
 @pytest.mark.parametrize("bits", [4, 5, 6, 8])
@@ -54,7 +54,7 @@ def test_pack_refuses_decompression_bomb():
 
 @pytest.mark.parametrize("bits", [4, 5, 6, 7, 8])
 def test_bitpack_roundtrip_and_size(bits):
-    from pipeline.quantize import bitpack, bitunpack
+    from pipeline.codec.quantize import bitpack, bitunpack
     rng = np.random.default_rng(bits)
     q = qmax(bits)
     codes = rng.integers(-q, q + 1, size=(37, 12)).astype(np.int8)

@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from jobs.cli import main as cli
-from pipeline.codec import LinearCodec, ResidualCodec, artifact_kind, codec_for_store, codec_from_bytes
-from pipeline.compress import CompressorError
+from pipeline.codec.state_codec import LinearCodec, ResidualCodec, artifact_kind, codec_for_store, codec_from_bytes
+from pipeline.codec.projection import CompressorError
 from pipeline.config import (BUNDLED_MODEL, CompressionConfig, ConfigError, CorpusConfig, DprConfig, ExecutionConfig,
                              ModelConfig, RunConfig, run_config_from_dict)
-from pipeline.encoder import LayeredEncoder, pad_batch
-from pipeline.fit import fit_codec, fit_prediction
-from pipeline.reader import StateReader
-from pipeline.run import run
-from pipeline.sideinfo import SideInfo, StaticEmbedding
-from pipeline.tokenize import PairTokenizer
+from pipeline.model.encoder import LayeredEncoder, pad_batch
+from pipeline.codec.fitting import fit_codec, fit_prediction
+from pipeline.serve.state_reader import StateReader
+from pipeline.flows.run import run
+from pipeline.codec.side_info import SideInfo, StaticEmbedding
+from pipeline.model.tokenizer import PairTokenizer
 from storage import manifest as mf
 from storage.fs import IntegrityError, Store
 from tests.conftest import edited_corpus, first_passages, save_tiny_bert, write_tsv
@@ -143,8 +143,8 @@ def test_minilm_static_embedding_explains_most_of_the_lower_layers(minilm_path):
     """The statistic the codec rests on (bundled MiniLM, lower 3 layers, 120 real passages): the prediction
     leaves well under half the states' energy, and OPQ at 8 B/token reconstructs the states far better on
     the residual than on the states themselves (held-out passages)."""
-    from pipeline.codec import ResidualCodec
-    from pipeline.pqfit import PQFit, fit_pq
+    from pipeline.codec.state_codec import ResidualCodec
+    from pipeline.codec.pq_training import PQFit, fit_pq
 
     model = ModelConfig(name=BUNDLED_MODEL, layers=3)
     rows = first_passages(160)
@@ -245,7 +245,7 @@ def test_answer_decodes_through_the_codec(res_store, capsys):
     assert cli(["answer", "--store", res_store["store"].url, "Who is Robert Boulter?", "-k", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["passages"]) == 3 and all(p["span"] is not None for p in out["passages"])
-    from pipeline.runtime import DecoupledReader, RuntimeConfig
+    from pipeline.serve.qa_reader import DecoupledReader, RuntimeConfig
 
     reader = DecoupledReader(res_store["store"], RuntimeConfig(device="cpu"))
     ids = [5, 17, 42]
@@ -280,8 +280,8 @@ def test_another_artifact_is_refused_or_starts_a_new_lineage(res_store, tmp_path
 
 
 def test_update_keeps_the_parents_codec_and_compact_keeps_the_states(res_store, tmp_path):
-    from pipeline.compact import compact
-    from pipeline.update import run_update
+    from pipeline.flows.compact import compact
+    from pipeline.flows.update import run_update
 
     copy = tmp_path / "store"
     shutil.copytree(res_store["store"].url, copy)

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from jobs.cli import main as cli
-from pipeline.compress import Compressor
+from pipeline.codec.projection import Compressor
 from pipeline.config import BUNDLED_MODEL, CompressionConfig, CorpusConfig, DprConfig, ModelConfig, RunConfig
-from pipeline.encoder import LayeredEncoder, pad_batch
-from pipeline.run import run
-from pipeline.runtime import DecoupledReader, ModelMismatch, RuntimeConfig
-from pipeline.tokenize import PairTokenizer
+from pipeline.model.encoder import LayeredEncoder, pad_batch
+from pipeline.flows.run import run
+from pipeline.serve.qa_reader import DecoupledReader, ModelMismatch, RuntimeConfig
+from pipeline.model.tokenizer import PairTokenizer
 from storage import manifest as mf
 from storage.fs import Store
 from tests.conftest import first_passages, save_tiny_bert

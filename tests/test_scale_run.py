@@ -2,10 +2,10 @@
 changes under the run, and the commit through the sink."""
 import pytest
 
-from pipeline import run as runner
+from pipeline.flows import run as runner
 from pipeline.config import CompressionConfig, CorpusConfig, ExecutionConfig, ModelConfig, RunConfig
-from pipeline.reader import StateReader
-from pipeline.run import run
+from pipeline.serve.state_reader import StateReader
+from pipeline.flows.run import run
 from storage import manifest as mf
 from storage.fs import Store
 from tests.conftest import first_passages, write_tsv
@@ -31,7 +31,7 @@ def test_duplicate_ids_across_splits_are_refused_before_anything_is_committed(
         ray_local, tmp_path, tiny_model, corpus_with_a_duplicate_across_splits):
     path, rows, dup = corpus_with_a_duplicate_across_splits
     store = tmp_path / "store"
-    from pipeline.corpus import CorpusError
+    from pipeline.corpus.source import CorpusError
     with pytest.raises(CorpusError, match=rf"duplicate passage id.*\[{dup[0]}\]"):
         run(_cfg(store, path, tiny_model))
     assert mf.latest_version(Store(str(store))) is None
@@ -49,7 +49,7 @@ def test_keep_first_keeps_the_earlier_copy_and_counts_the_later_one(
     m = mf.load(store)
     assert mf.verify(store, m).ok and m.counts["accepted"] == len(rows)
     # the live copy of the id is the first one in corpus order: its content hash is the first text's
-    from pipeline.corpus import content_hash, normalise
+    from pipeline.corpus.source import content_hash, normalise
     from storage import tombstones
     from storage.shards import read_rows
     dead = tombstones.load(store, m.artifacts.get("tombstones"))
@@ -75,7 +75,7 @@ def test_a_corpus_changed_between_plan_and_encode_is_refused_naming_the_file(
 
     monkeypatch.setattr(runner, "_obtain_compressor", then_edit)
     store = tmp_path / "store"
-    from pipeline.corpus import CorpusChanged
+    from pipeline.corpus.source import CorpusChanged
     with pytest.raises(CorpusChanged, match=r"moving\.tsv changed after the run was planned"):
         run(_cfg(store, path, tiny_model))
     assert mf.latest_version(Store(str(store))) is None
@@ -92,7 +92,7 @@ def test_a_split_that_keeps_no_passage_is_still_counted(ray_local, tmp_path, tin
     assert summary.skipped["empty"] == len(hole) and summary.written == len(kept) and summary.passages_in == 120
     assert StateReader(store).ids().tolist() == kept
     m = mf.load(store)
-    from pipeline.corpus import Corpus
+    from pipeline.corpus.source import Corpus
     n_splits = len(Corpus(CorpusConfig(url=str(path))).plan(40).splits)
     assert mf.verify(store, m).ok and len(m.shards_of("states")) < n_splits  # an empty split has no shard file
 

@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import CorpusConfig
-from pipeline.corpus import Corpus, CorpusChanged, CorpusError
-from pipeline.fitsample import merge_fit_samples
-from pipeline.splits import (SourceFile, Split, auto_rows_per_split, plan_digest, plan_splits, sample_key,
+from pipeline.corpus.source import Corpus, CorpusChanged, CorpusError
+from pipeline.corpus.fit_sample import merge_fit_samples
+from pipeline.corpus.splits import (SourceFile, Split, auto_rows_per_split, plan_digest, plan_splits, sample_key,
                              sample_splits)
 from tests.conftest import first_passages, write_tsv
 
@@ -34,7 +34,7 @@ def test_plan_cuts_text_by_bytes_parquet_by_rows_and_keeps_compressed_files_whol
 
 
 def test_row_group_cuts_keep_groups_whole_unless_one_is_huge():
-    from pipeline.splits import _row_group_bounds
+    from pipeline.corpus.splits import _row_group_bounds
     assert _row_group_bounds((64,) * 8, 120) == [0, 128, 256, 384, 512]
     assert _row_group_bounds((50, 1000, 50), 100) == [0, 50, 150, 250, 350, 450, 550, 650, 750, 850, 950, 1050, 1100]
     assert _row_group_bounds((10,), 100) == [0, 10]

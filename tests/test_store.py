@@ -81,7 +81,7 @@ def test_eight_committers_on_one_parent_exactly_one_wins(any_store, rounds):
 
 @pytest.mark.parametrize("damage", ["truncate", "corrupt", "missing"])
 def test_verify_names_the_damaged_file_and_the_reader_refuses_it(any_store, damage):
-    from pipeline.reader import IntegrityError, StateReader
+    from pipeline.serve.state_reader import IntegrityError, StateReader
 
     store = Store(*any_store)
     m = _version(store)

@@ -8,12 +8,12 @@ import pytest
 
 from jobs.cli import main as cli
 from pipeline.config import CompressionConfig, CorpusConfig, DprConfig, ExecutionConfig, ModelConfig, RunConfig
-from pipeline.corpus import Corpus
-from pipeline.reader import StateReader
-from pipeline.run import run
-from pipeline.search import Searcher
-from pipeline.stages import EncodeStage
-from pipeline.update import FingerprintMismatch, diff, run_update
+from pipeline.corpus.source import Corpus
+from pipeline.serve.state_reader import StateReader
+from pipeline.flows.run import run
+from pipeline.serve.searcher import Searcher
+from pipeline.workers.steps import EncodeStage
+from pipeline.flows.update import FingerprintMismatch, diff, run_update
 from storage import manifest as mf
 from storage.fs import Store
 from tests.conftest import first_passages, write_tsv
@@ -48,7 +48,7 @@ def test_vectorised_diff_equals_set_algebra_on_shuffled_ids():
 
 
 def test_in_sorted_agrees_with_isin():
-    from pipeline.update_scan import in_sorted
+    from pipeline.workers.update_scan import in_sorted
 
     rng = np.random.default_rng(3)
     for size in (0, 1, 7, 5_000):
@@ -74,7 +74,7 @@ def test_tombstones_round_trip_as_sorted_arrays_and_are_checked(tmp_path):
 
 
 def test_compaction_plan_cuts_id_ranges_by_live_rows_from_the_manifest_alone():
-    from pipeline.compact import plan_ranges
+    from pipeline.flows.compact import plan_ranges
     lo, hi = np.array([1, 1001, 2001, 50]), np.array([1000, 2000, 3000, 2900])  # the last: a delta spanning all
     ranges = plan_ranges(lo, hi, np.array([1000, 900, 1000, 30]), 1000)
     assert ranges[0][0] == 1 and ranges[-1][1] == 3000
@@ -195,8 +195,8 @@ def test_dry_run_counts_and_writes_nothing(updated, capsys):
 def test_index_job_rebuilds_over_live_rows_only_as_a_new_version(updated, capsys):
     import json
 
-    from pipeline.index import index_ids, load_checked
-    from pipeline.reindex import ReindexConfig, reindex
+    from pipeline.index.faiss_file import index_ids, load_checked
+    from pipeline.flows.reindex import ReindexConfig, reindex
     store = updated["store"]
     before = mf.load(store)
     questions = ["rowing boats", "Robert Boulter"] + [t.split(" . ")[0] for _, t, _ in first_passages(20)[::4]]
@@ -219,7 +219,7 @@ def test_index_job_rebuilds_over_live_rows_only_as_a_new_version(updated, capsys
 
 
 def test_compact_keeps_content_and_drops_shard_count(updated):
-    from pipeline.compact import compact
+    from pipeline.flows.compact import compact
     store = updated["store"]
     before = mf.load(store)
     ids_before = StateReader(store).ids()
@@ -240,8 +240,8 @@ def test_compact_keeps_content_and_drops_shard_count(updated):
 
 def test_diff_corpus_on_workers_handles_unordered_ids_and_duplicates_across_splits(tmp_path, ray_local):
     """Ascending ids skip np.unique; shuffled ids with a duplicate in a later split must not."""
-    from pipeline.corpus import content_hash
-    from pipeline.update_scan import diff_corpus
+    from pipeline.corpus.source import content_hash
+    from pipeline.workers.update_scan import diff_corpus
 
     rows = [(i, f"passage {i} text", f"T{i}") for i in (5, 3, 9, 1, 7, 2, 8, 3, 4)]  # id 3 twice: splits 0 and 2
     rows[7] = (3, "a later copy of 3", "T3")

@@ -11,9 +11,9 @@ import pytest
 
 from jobs.cli import EXIT_FAILED
 from pipeline.config import CompressionConfig, CorpusConfig, ExecutionConfig, ModelConfig, RunConfig
-from pipeline.reader import StateReader
-from pipeline.run import run
-from pipeline.update import run_update
+from pipeline.serve.state_reader import StateReader
+from pipeline.flows.run import run
+from pipeline.flows.update import run_update
 from storage import manifest as mf
 from storage.fs import Store
 from tests.conftest import REPO, first_passages, write_tsv

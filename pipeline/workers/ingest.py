@@ -13,9 +13,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipeline.corpus import Corpus, CorpusCounts
-from pipeline.splits import Split
-from pipeline.stages import StageContext, TokenizeStage, input_path, marker_path, meta_column
+from pipeline.corpus.source import Corpus, CorpusCounts
+from pipeline.corpus.splits import Split
+from pipeline.workers.steps import StageContext, TokenizeStage, input_path, marker_path, meta_column
 from storage.shards import read_rows
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from pipeline import index_plan
+from pipeline.index import plan as index_plan
 from pipeline.config import ConfigError
 from storage.fs import IntegrityError, Store
 

@@ -9,10 +9,10 @@ import json
 import logging
 from typing import Any, Callable
 
-from pipeline.corpus import CorpusError
-from pipeline.ingest import PrepareStage
-from pipeline.sink import ShardSink
-from pipeline.stages import EncodeStage, StageContext
+from pipeline.corpus.source import CorpusError
+from pipeline.workers.ingest import PrepareStage
+from pipeline.workers.sink import ShardSink
+from pipeline.workers.steps import EncodeStage, StageContext
 from storage.errors import find_cause
 from storage.fs import AccessRefused
 

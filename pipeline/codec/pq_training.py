@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.codec import PQ_BITS, PQCodec, nearest_centroids
-from pipeline.compress import CompressorError, PcaAccumulator
+from pipeline.codec.state_codec import PQ_BITS, PQCodec, nearest_centroids
+from pipeline.codec.projection import CompressorError, PcaAccumulator
 
 if TYPE_CHECKING:
     import torch

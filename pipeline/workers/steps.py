@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline.codec import Codec, codec_from_bytes
+from pipeline.codec.state_codec import Codec, codec_from_bytes
 from pipeline.config import CompressionConfig, CorpusConfig, DprConfig, ExecutionConfig, ModelConfig
-from pipeline.encoder import ShardEncoder, pick_device
-from pipeline.tokenize import PairTokenizer
+from pipeline.model.encoder import ShardEncoder, pick_device
+from pipeline.model.tokenizer import PairTokenizer
 from storage.fs import Store
 from storage.shards import SCHEMA_VERSION
 
@@ -159,7 +159,7 @@ class EncodeStage:
                                     compile=ex.compile)
         self.embedder = None
         if ctx.dpr is not None:
-            from pipeline.dpr import Embedder
+            from pipeline.model.dpr import Embedder
             self.embedder = Embedder(ctx.dpr.model, ctx.dpr.revision, ctx.dpr.pooling, device,
                                      normalize=ctx.fingerprint["dpr"]["normalize"])
 

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.corpus import Corpus, CorpusScan
+from pipeline.corpus.source import Corpus, CorpusScan
 
 
 def corpus_table(corpus: Corpus) -> pa.Table:

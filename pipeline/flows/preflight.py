@@ -48,7 +48,7 @@ def check_states(model: ModelConfig, attention: str) -> None:
     `hidden_states[N]` (float32 here; each encoder repeats the check on its own device and dtype)."""
     import torch
 
-    from pipeline.encoder import InputComponent
+    from pipeline.model.encoder import InputComponent
 
     lower = InputComponent(model, torch.device("cpu"), attention=attention)
     log.info("checked: %s's lower %d layers on the %s path reproduce its own forward (worst token relative "
@@ -78,7 +78,7 @@ def preflight_run(cfg: RunConfig) -> bytes | None:
     """Store, model and compression settings, in that order; the first problem raises.
 
     Returns the bytes of a given --compressor (read once, here), else None."""
-    from pipeline.codec import codec_from_bytes
+    from pipeline.codec.state_codec import codec_from_bytes
 
     check_writable(cfg.store, cfg.storage_options)
     hidden = check_model(cfg.model, cfg.compression.dims)
@@ -93,7 +93,7 @@ def preflight_run(cfg: RunConfig) -> bytes | None:
         data = read_url(cfg.compressor_location)
         check_compressor(codec_from_bytes(data, where, c.quantize, c.bits), where, c, hidden)
     if cfg.dpr is not None:
-        from pipeline.dpr import embedding_dim
+        from pipeline.model.dpr import embedding_dim
 
         try:
             embedding_dim(cfg.dpr.model, cfg.dpr.revision)

@@ -4,7 +4,7 @@ A store keeps every passage's token ids beside its codes, so the decoder can rec
 *static embedding* e: the output of the model's embedding layer (word + position + token type
 embeddings, LayerNorm) for that id at that position in that segment. At the lower layers a token's
 state is largely a function of e, so a codec may predict the state from e (`Prediction`, a ridge map
-p = e·A + b fitted on the fit sample) and code only the residual h - p (`pipeline.codec.ResidualCodec`).
+p = e·A + b fitted on the fit sample) and code only the residual h - p (`pipeline.codec.state_codec.ResidualCodec`).
 
 Why the codec artifact holds fp16 copies of the embedding tables instead of reading them from the
 model at decode time: the decoder stays self-contained (readers, `lookup` and `verify` never load the
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.compress import CompressorError
+from pipeline.codec.projection import CompressorError
 
 if TYPE_CHECKING:
     import torch

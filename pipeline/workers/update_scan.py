@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import CorpusConfig
-from pipeline.corpus import Corpus, CorpusCounts, CorpusError, CorpusPlan
-from pipeline.splits import Split
+from pipeline.corpus.source import Corpus, CorpusCounts, CorpusError, CorpusPlan
+from pipeline.corpus.splits import Split
 from storage.fs import Store
 from storage.shards import read_rows, write_shard
 
@@ -214,7 +214,7 @@ def superseded(store: Store, shards: list[dict], dead: dict[str, np.ndarray], re
 
 def plan_slices(staged_rows: list[int], slice_rows: int) -> list[list[int]]:
     """Pure: consecutive staged splits grouped so that each input slice holds about slice_rows passages."""
-    from pipeline.index_plan import group_shards
+    from pipeline.index.plan import group_shards
 
     busy = [k for k, n in enumerate(staged_rows) if n]
     return [[busy[i] for i in g] for g in group_shards([staged_rows[k] for k in busy], slice_rows)] if busy else []
@@ -240,7 +240,7 @@ def assemble_slices(store: Store, parts: list[SplitDiff], drop: dict[int, np.nda
     """Write input slices `todo` from the staged splits, in Ray tasks; returns the rows staged."""
     import ray
 
-    from pipeline.stages import input_path
+    from pipeline.workers.steps import input_path
 
     none = np.empty(0, np.int64)
     task = ray.remote(num_cpus=task_cpus)(_assemble_task)

@@ -1,9 +1,9 @@
 """Rate-distortion: stored bytes per token against the fidelity the reader feels.
 
 Fidelity is the final-layer token cosine when the upper layers run on decoded states instead of the
-original ones. Every point is a codec (`pipeline.codec`): the linear family (PCA axes are nested, so
+original ones. Every point is a codec (`pipeline.codec.state_codec`): the linear family (PCA axes are nested, so
 one full-width fit serves every `dims`), the product-quantiser family (PQ/OPQ, one fit per M), and both
-again on the residual after the static-embedding prediction (`pipeline.sideinfo`: what the stored token
+again on the residual after the static-embedding prediction (`pipeline.codec.side_info`: what the stored token
 ids already say is not coded): `residual-linear` and `residual-opq`.
 """
 from __future__ import annotations
@@ -16,14 +16,14 @@ import numpy as np
 import torch
 import zstandard
 
-from pipeline.codec import Codec, LinearCodec, ResidualCodec
-from pipeline.pqfit import PQFit, fit_pq
-from pipeline.compress import PcaAccumulator
+from pipeline.codec.state_codec import Codec, LinearCodec, ResidualCodec
+from pipeline.codec.pq_training import PQFit, fit_pq
+from pipeline.codec.projection import PcaAccumulator
 from pipeline.config import ModelConfig
-from pipeline.encoder import LayeredEncoder, pad_batch, token_budget_batches
-from pipeline.sideinfo import SideInfo
+from pipeline.model.encoder import LayeredEncoder, pad_batch, token_budget_batches
+from pipeline.codec.side_info import SideInfo
 from storage.estimate import Assumptions
-from pipeline.tokenize import PairTokenizer
+from pipeline.model.tokenizer import PairTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def sweep(model: ModelConfig, fit: tuple[list[str], list[str]], evaluate: tuple[
 def _residual_points(enc, tok, fit_batches, fit_states, batches, refs, family: ResidualFamily, zc,
                      name: str) -> list[RDPoint]:
     """One prediction fitted on the fit passages, then each inner codec on its residual."""
-    from pipeline.fit import fit_prediction
+    from pipeline.codec.fitting import fit_prediction
 
     prediction, _, residuals = fit_prediction(enc.model, [b[2] for b in fit_batches], fit_states,
                                               int(tok.tok.sep_token_id), name, [b[3] for b in fit_batches])
@@ -359,8 +359,8 @@ def sweep_corpus(model: ModelConfig, corpus, dims_list: list[int] | None, bits_l
     from transformers import AutoConfig
 
     from pipeline.config import ConfigError
-    from pipeline.sample import columns, corpus_table
-    from pipeline.tokenize import model_max_length
+    from pipeline.corpus.sample import columns, corpus_table
+    from pipeline.model.tokenizer import model_max_length
 
     table = corpus_table(corpus)
     order = np.random.default_rng(seed).permutation(table.num_rows)

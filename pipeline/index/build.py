@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline import index_plan
+from pipeline.index import plan as index_plan
 from pipeline.config import RunConfig, digest
 from storage.errors import OperationFailed
 from storage.fs import IntegrityError, Store, sha256_bytes
@@ -109,7 +109,7 @@ def _sample_task(spec: IndexSpec, picks: list[tuple[str, list[int], np.ndarray]]
 
 
 def _train_task(spec: IndexSpec, sample_paths: list[str], dim: int, rel: str) -> dict:
-    from pipeline import index as fx
+    from pipeline.index import faiss_file as fx
 
     store = spec.store()
     x = np.concatenate([np.load(io.BytesIO(store.read_bytes(p)), allow_pickle=False) for p in sample_paths])
@@ -124,7 +124,7 @@ def _load_trained_task(spec: IndexSpec, trained: dict) -> bytes:
 
 def _add_task(spec: IndexSpec, trained: bytes, shards: list[tuple[str, np.ndarray]], rel: str) -> dict:
     """One IVF part: the trained index plus a group of shards' live vectors, written to the store."""
-    from pipeline import index as fx
+    from pipeline.index import faiss_file as fx
 
     index = fx.from_bytes(trained)
     for path, dead in shards:
@@ -143,7 +143,7 @@ def _merge_task(spec: IndexSpec, trained: dict, parts: list[dict], header_rel: s
     """Merge the parts' inverted lists on this worker's disk; each part is checked before faiss opens it."""
     import faiss
 
-    from pipeline import index as fx
+    from pipeline.index import faiss_file as fx
 
     store = spec.store()
     base = fx.from_bytes(store.read_verified(trained))
@@ -175,7 +175,7 @@ def _merge_task(spec: IndexSpec, trained: dict, parts: list[dict], header_rel: s
 
 def _whole_task(spec: IndexSpec, shards: list[tuple[str, np.ndarray]], dim: int, rel: str) -> dict:
     """Flat/HNSW: every vector in this worker, trained on a uniform sample if the codec needs it."""
-    from pipeline import index as fx
+    from pipeline.index import faiss_file as fx
 
     got = [read_embeddings(spec.store_url, spec.storage_options, p, dead) for p, dead in shards]
     ids = np.concatenate([i for i, _ in got]).astype(np.int64)
@@ -192,7 +192,7 @@ def _whole_task(spec: IndexSpec, shards: list[tuple[str, np.ndarray]], dim: int,
 
 def _delta_task(spec: IndexSpec, start: dict, remove: np.ndarray, shards: list[str], rel: str) -> dict:
     """The new delta index: the previous delta (or the trained empty index), minus `remove`, plus the shards."""
-    from pipeline import index as fx
+    from pipeline.index import faiss_file as fx
 
     store = spec.store()
     index = fx.from_bytes(store.read_verified(start))
@@ -247,7 +247,7 @@ def build_index_from(spec: IndexSpec, store: Store, run_dir: str, dpr_shards: li
     `trained` (an entry) skips training: compact folds a delta into a new base with the same quantizer."""
     import ray
 
-    from pipeline import index as fx
+    from pipeline.index import faiss_file as fx
 
     if not dpr_shards:
         raise IndexBuildError("no DPR shards to index")
@@ -343,7 +343,7 @@ def update_delta(spec: IndexSpec, store: Store, run_dir: str, parent: dict, remo
     Work and memory follow the change since the last compact: the delta's shards and the removed ids."""
     import ray
 
-    from pipeline import index as fx
+    from pipeline.index import faiss_file as fx
 
     prior = fx.removed_ids(store, parent.get("removed"))
     hidden = np.union1d(prior, np.asarray(remove, dtype=np.int64))

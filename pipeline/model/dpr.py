@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from pipeline.config import DprConfig, resolve_model  # noqa: F401  (DprConfig re-exported)
-from pipeline.encoder import compute_dtype, default_token_budget, pad_batch, token_budget_batches
+from pipeline.model.encoder import compute_dtype, default_token_budget, pad_batch, token_budget_batches
 
 def resolve_pooling(model: str, pooling: str) -> str:
     if pooling != "auto":

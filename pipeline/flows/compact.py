@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import digest
-from pipeline.update import load_tombstones
+from pipeline.flows.update import load_tombstones
 from storage import manifest as mf
 from storage.fs import Store
 from storage.shards import read_metadata, write_shard
@@ -70,7 +70,7 @@ def compact(store: Store, shard_size: int = 10_000, row_group_size: int = 128) -
     """The driver plans id intervals from the manifest alone; Ray tasks rewrite; the driver commits once."""
     import ray
 
-    from pipeline.encode import init_ray
+    from pipeline.workers.dataflow import init_ray
 
     if shard_size < 1:
         raise ValueError("shard_size must be positive")
@@ -115,8 +115,8 @@ def compact(store: Store, shard_size: int = 10_000, row_group_size: int = 128) -
 
 def _fold_index(store: Store, entry: dict, run_dir: str, dpr_shards: list[dict]) -> dict:
     """A new on-disk base over the compacted shards, with the parent's trained quantizer (no retraining)."""
-    from pipeline.encode import init_ray
-    from pipeline.index_build import IndexSpec, build_index_from
+    from pipeline.workers.dataflow import init_ray
+    from pipeline.index.build import IndexSpec, build_index_from
 
     init_ray(None)
     spec = IndexSpec(store.url, store.storage_options, entry["factory"], 0, entry.get("nprobe", 16))

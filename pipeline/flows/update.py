@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import RunConfig, digest
-from pipeline.corpus import Corpus
-from pipeline.update_scan import (CorpusIds, SplitDiff, assemble_slices, diff_corpus, hash_array, in_sorted,
+from pipeline.corpus.source import Corpus
+from pipeline.workers.update_scan import (CorpusIds, SplitDiff, assemble_slices, diff_corpus, hash_array, in_sorted,
                                   parent_rows, plan_slices, superseded)
 from storage import manifest as mf
 from storage.errors import OperationFailed
@@ -117,7 +117,7 @@ def plan_update(store: Store, corpus: Corpus, execution,
                 stage_dir: str | None = None) -> tuple[mf.Manifest, CorpusIds, list[SplitDiff], UpdatePlan]:
     """One pass on the workers: the parent's ids and hashes, then every split compared with them (and the
     rows to encode staged under `stage_dir`, when given); the driver sets the id arrays against each other."""
-    from pipeline.encode import init_ray
+    from pipeline.workers.dataflow import init_ray
 
     manifest = mf.load(store)
     init_ray(execution.ray_address)
@@ -165,10 +165,10 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
     """Encode only new and changed passages, tombstone the rest, commit one version on top of the newest."""
     import dataclasses
 
-    from pipeline import run as runner
-    from pipeline.encode import encode_splits
-    from pipeline.preflight import check_states
-    from pipeline.sink import finished_markers, shard_entries
+    from pipeline.flows import run as runner
+    from pipeline.workers.dataflow import encode_splits
+    from pipeline.flows.preflight import check_states
+    from pipeline.workers.sink import finished_markers, shard_entries
 
     t0 = time.perf_counter()
     check_states(cfg.model, cfg.execution.attention)  # before Ray starts: a model computed wrongly is refused
@@ -250,8 +250,8 @@ def _update_index(cfg, store: Store, run_dir: str, parent: mf.Manifest, d: Diff,
     """A delta over the on-disk base (cost follows the change); rebuilt on the workers past `rebuild_fraction`.
 
     A whole (Flat/HNSW) index is small by construction (WHOLE_INDEX_MAX_VECTORS) and is rebuilt."""
-    from pipeline import index as fx
-    from pipeline.index_build import IndexSpec, build_index_from, update_delta
+    from pipeline.index import faiss_file as fx
+    from pipeline.index.build import IndexSpec, build_index_from, update_delta
 
     entry = parent.artifacts["dpr_index"]
     spec = IndexSpec(cfg.store, cfg.storage_options, entry["factory"], cfg.dpr.train_sample if cfg.dpr else 100_000,

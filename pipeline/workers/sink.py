@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.datasource import Datasink
 
-from pipeline.pack import Packer
-from pipeline.stages import (StageContext, dpr_path, dpr_schema, marker_path, shard_metadata, shard_of,
+from pipeline.codec.zstd_frames import Packer
+from pipeline.workers.steps import (StageContext, dpr_path, dpr_schema, marker_path, shard_metadata, shard_of,
                              split_meta, state_path)
 from storage.fs import Store
 from storage.shards import state_schema, write_shard

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-from pipeline import index as fx
+from pipeline.index import faiss_file as fx
 from pipeline.config import ConfigError, digest
-from pipeline.index_plan import factory_bytes_per_vector
-from pipeline.jobplan import JobPlan
+from pipeline.index.plan import factory_bytes_per_vector
+from pipeline.flows.job_cost import JobPlan
 from storage import manifest as mf
 from storage import tombstones
 from storage.fs import Store
@@ -96,8 +96,8 @@ def _plan(cfg: ReindexConfig, store: Store, parent: mf.Manifest, dpr: list[dict]
 
 
 def reindex(cfg: ReindexConfig) -> ReindexSummary:
-    from pipeline.encode import init_ray
-    from pipeline.index_build import IndexSpec, build_index_from
+    from pipeline.workers.dataflow import init_ray
+    from pipeline.index.build import IndexSpec, build_index_from
 
     t0 = time.perf_counter()
     store = Store(cfg.store, cfg.storage_options or {})

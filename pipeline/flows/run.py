@@ -18,20 +18,20 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.codec import codec_from_bytes
+from pipeline.codec.state_codec import codec_from_bytes
 from pipeline.config import ModelConfig, RunConfig, digest, fingerprint
-from pipeline.corpus import Corpus, CorpusCounts, CorpusError, CorpusPlan
-from pipeline.dedupe import find_duplicates
-from pipeline.encode import cluster_gpus, encode_splits, init_ray
-from pipeline.encoder import model_revision, pick_device
-from pipeline.fit import fit_codec
-from pipeline.fitsample import fit_sample_task, merge_fit_samples
-from pipeline.index_build import build_index
-from pipeline.preflight import check_compressor, preflight_run
-from pipeline.sink import finished_markers, shard_entries
-from pipeline.splits import sample_splits
-from pipeline.stages import EncodeStage, StageContext, load_codec, shard_of
-from pipeline.tokenize import model_max_length
+from pipeline.corpus.source import Corpus, CorpusCounts, CorpusError, CorpusPlan
+from pipeline.corpus.duplicates import find_duplicates
+from pipeline.workers.dataflow import cluster_gpus, encode_splits, init_ray
+from pipeline.model.encoder import model_revision, pick_device
+from pipeline.codec.fitting import fit_codec
+from pipeline.corpus.fit_sample import fit_sample_task, merge_fit_samples
+from pipeline.index.build import build_index
+from pipeline.flows.preflight import check_compressor, preflight_run
+from pipeline.workers.sink import finished_markers, shard_entries
+from pipeline.corpus.splits import sample_splits
+from pipeline.workers.steps import EncodeStage, StageContext, load_codec, shard_of
+from pipeline.model.tokenizer import model_max_length
 from storage import manifest as mf
 from storage import tombstones
 from storage.errors import find_cause
@@ -170,7 +170,7 @@ def prepare(cfg: RunConfig, store: Store, compressor: tuple[str, str, int], run_
                      SCHEMA_VERSION)
     shares = True
     if cfg.dpr is not None:
-        from pipeline.dpr import resolve_normalize, resolve_pooling, same_vocabulary
+        from pipeline.model.dpr import resolve_normalize, resolve_pooling, same_vocabulary
         dpr_model = ModelConfig(name=cfg.dpr.model, revision=cfg.dpr.revision)
         fp["dpr"] = {"model": cfg.dpr.model, "revision": model_revision(dpr_model),
                      "pooling": resolve_pooling(cfg.dpr.model, cfg.dpr.pooling), "dtype": cfg.dpr.dtype,
@@ -190,8 +190,8 @@ def check_index_config(cfg: RunConfig, n_passages: int) -> None:
     """A factory FAISS cannot build fails now, not after every passage has been encoded."""
     if cfg.dpr is None:
         return
-    from pipeline import index as fx
-    from pipeline.dpr import embedding_dim
+    from pipeline.index import faiss_file as fx
+    from pipeline.model.dpr import embedding_dim
 
     fx.check_factory(cfg.dpr.index_factory, embedding_dim(cfg.dpr.model, cfg.dpr.revision), n_passages,
                      cfg.dpr.train_sample)

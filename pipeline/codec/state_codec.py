@@ -1,5 +1,5 @@
 """State codecs: how a token state becomes stored codes and back, behind one interface (training a
-PQ codebook lives in `pipeline/pqfit.py`).
+PQ codebook lives in `pipeline/codec/pq_training.py`).
 
 The encoder, the reader, the fidelity report, estimate and validate only ever talk to a `Codec`,
 so a new scheme is a new class here, never a branch elsewhere. Two exist:
@@ -9,7 +9,7 @@ so a new scheme is a new class here, never a branch elsewhere. Two exist:
 - `PQCodec`: a product quantiser (optionally after a projection, optionally with an OPQ rotation):
   one uint8 centroid index per sub-space, no scale.
 - `ResidualCodec`: either of them on what the token ids do not already say: the state minus its
-  prediction from the token's static embedding (`pipeline.sideinfo`), added back at decode.
+  prediction from the token's static embedding (`pipeline.codec.side_info`), added back at decode.
 
 Every encoder and decoder takes the passages' side information (`SideInfo`: token ids and lengths, which
 the store keeps anyway); codecs that predict nothing ignore it.
@@ -29,10 +29,10 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from pipeline.compress import Compressor, CompressorError, canonical_safetensors, safetensors_metadata
-from pipeline.quantize import dequantize
-from pipeline.sideinfo import PREFIX as RESIDUAL_PREFIX
-from pipeline.sideinfo import Prediction, SideInfo
+from pipeline.codec.projection import Compressor, CompressorError, canonical_safetensors, safetensors_metadata
+from pipeline.codec.quantize import dequantize
+from pipeline.codec.side_info import PREFIX as RESIDUAL_PREFIX
+from pipeline.codec.side_info import Prediction, SideInfo
 
 if TYPE_CHECKING:
     import torch
@@ -131,7 +131,7 @@ class LinearCodec(Codec):
         return f"linear {self.hidden} -> {self.dims} dims, {q}"
 
     def encoder(self, device, dtype):
-        from pipeline.quantize import quantize
+        from pipeline.codec.quantize import quantize
 
         project = self.compressor.torch_module(device, dtype)
         if self.quantize == "none":
@@ -283,7 +283,7 @@ class PQCodec(Codec):
 
 class ResidualCodec(Codec):
     """An inner codec (linear or PQ) on h - p(e): the state minus its prediction from the token's static
-    embedding (`pipeline.sideinfo.Prediction`); decode adds the prediction back.
+    embedding (`pipeline.codec.side_info.Prediction`); decode adds the prediction back.
 
     The encoder and decoder need the tokens' side information; the artifact holds the inner codec's
     tensors, the prediction's map and the embedding tables it needs, so its sha256 covers them all."""

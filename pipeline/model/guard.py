@@ -5,7 +5,7 @@ a relative position bias that its encoder computes once, and running bare layers
 cosine 0.58 to the model's own states, exit 0). So every path that computes states is compared, on
 a probe batch, with the model's own full forward: the input component with `hidden_states[N]`, the
 upper layers (fidelity, report, answer) with the last hidden state. Pure tensor arithmetic here;
-`pipeline.encoder` runs the forwards.
+`pipeline.model.encoder` runs the forwards.
 """
 from __future__ import annotations
 

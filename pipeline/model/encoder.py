@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from pipeline.codec import Codec
+from pipeline.codec.state_codec import Codec
 from pipeline.config import ATTENTION_CHOICES, ConfigError, ModelConfig
-from pipeline.model_check import Probe, require_match
-from pipeline.sideinfo import SideInfo
-from pipeline.packed import PackedBatch, PackedLowerLayers, packed_unsupported, token_index, varlen_available
+from pipeline.model.guard import Probe, require_match
+from pipeline.codec.side_info import SideInfo
+from pipeline.model.packed_attention import PackedBatch, PackedLowerLayers, packed_unsupported, token_index, varlen_available
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class LayeredEncoder:
     position bias, DeBERTa's relative embeddings, the attention mask in the model's own format) is
     computed by the model's forward. The layer stack is cut to the range for the call; a range that
     starts above layer 0 feeds the given states to its first layer (a forward pre-hook), so the
-    model's embeddings output is only used for its shape. `pipeline.model_check` compares both
+    model's embeddings output is only used for its shape. `pipeline.model.guard` compares both
     against the model's full forward before any work."""
 
     def __init__(self, model_cfg: ModelConfig, device: torch.device, keep_upper: bool = False, model=None):
@@ -295,7 +295,7 @@ class HostCopies:
 
 def resolve_attention(requested: str, encoder: LayeredEncoder) -> str:
     """The attention path to run: `mask` (the model's own forward, cut to the lower layers, on padded
-    batches: any architecture the guard accepts) or `packed` (pipeline.packed: BERT/ELECTRA)."""
+    batches: any architecture the guard accepts) or `packed` (pipeline.model.packed_attention: BERT/ELECTRA)."""
     if requested not in ATTENTION_CHOICES:
         raise ConfigError(f"attention={requested!r}: one of {', '.join(ATTENTION_CHOICES)}")
     if requested == "mask":

@@ -9,11 +9,11 @@ import logging
 import numpy as np
 from transformers import AutoConfig
 
-from pipeline import jobplan
+from pipeline.flows import job_cost as jobplan
 from pipeline.config import CompressionConfig, ModelConfig, RunConfig, resolve_model
-from pipeline.corpus import Corpus, CorpusScan
-from pipeline.splits import auto_rows_per_split
-from pipeline.tokenize import PairTokenizer, Tokenized, model_max_length
+from pipeline.corpus.source import Corpus, CorpusScan
+from pipeline.corpus.splits import auto_rows_per_split
+from pipeline.model.tokenizer import PairTokenizer, Tokenized, model_max_length
 from storage.estimate import Assumptions, estimate
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def plan_run(cfg: RunConfig, gpu: jobplan.GpuAssumptions) -> jobplan.JobPlan:
     corpus = Corpus(cfg.corpus, cfg.corpus_storage_options)
     scan = corpus.scan()
     if cfg.dpr is not None:
-        from pipeline.run import check_index_config
+        from pipeline.flows.run import check_index_config
         try:
             check_index_config(cfg, scan.n)
         except OSError:  # the DPR model's config is not reachable here; the real run checks again
@@ -69,7 +69,7 @@ def plan_run(cfg: RunConfig, gpu: jobplan.GpuAssumptions) -> jobplan.JobPlan:
              f"corpus counts: {scan.counts.to_dict()}"]
     dpr_geometry, dpr_note = _dpr_geometry(cfg)
     notes += [dpr_note] if dpr_note else []
-    from pipeline.codec import planned_layout
+    from pipeline.codec.state_codec import planned_layout
 
     c = cfg.compression
     layout = planned_layout(c.codec, c.dims or geometry.hidden, c.quantize, c.pq_m)
@@ -107,9 +107,9 @@ def measure_sample(model: ModelConfig, corpus: Corpus, size: int, compression: C
     import torch
 
     from pipeline.config import ConfigError
-    from pipeline.encoder import LayeredEncoder, pad_batch
-    from pipeline.fit import codec_from_states
-    from pipeline.pack import Packer
+    from pipeline.model.encoder import LayeredEncoder, pad_batch
+    from pipeline.codec.fitting import codec_from_states
+    from pipeline.codec.zstd_frames import Packer
 
     enc = LayeredEncoder(model, torch.device("cpu"))
     if compression.dims is not None and compression.dims > enc.hidden:

@@ -9,15 +9,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.codec import Codec
-from pipeline.compress import Compressor, PcaAccumulator
+from pipeline.codec.state_codec import Codec
+from pipeline.codec.projection import Compressor, PcaAccumulator
 from pipeline.config import CompressionConfig, ConfigError, ModelConfig
-from pipeline.corpus import Corpus
-from pipeline.encoder import LayeredEncoder, pad_batch, token_budget_batches
-from pipeline.pqfit import PQFit, fit_pq
-from pipeline.sideinfo import Prediction, RidgeAccumulator, SideInfo, StaticEmbedding
-from pipeline.sample import held_out, random_rows, rows_at
-from pipeline.tokenize import PairTokenizer, model_max_length
+from pipeline.corpus.source import Corpus
+from pipeline.model.encoder import LayeredEncoder, pad_batch, token_budget_batches
+from pipeline.codec.pq_training import PQFit, fit_pq
+from pipeline.codec.side_info import Prediction, RidgeAccumulator, SideInfo, StaticEmbedding
+from pipeline.corpus.sample import held_out, random_rows, rows_at
+from pipeline.model.tokenizer import PairTokenizer, model_max_length
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def fit_residual(fit: FitStates, compression: CompressionConfig, model_name: str
                  metadata: dict[str, str] | None = None) -> Codec:
     """`--residual embeddings`: the prediction, then the inner codec (`compression` without the residual)
     fitted on what it leaves."""
-    from pipeline.codec import ResidualCodec
+    from pipeline.codec.state_codec import ResidualCodec
 
     prediction, stats, residuals = fit_prediction(fit.encoder.model, fit.sides, fit.states, fit.sep_id, model_name,
                                                   fit.types)
@@ -123,7 +123,7 @@ def fit_codec(model: ModelConfig, titles: list[str], texts: list[str], compressi
 
 def codec_from_states(batches, compression: CompressionConfig, metadata: dict[str, str] | None = None) -> Codec:
     """Fit on an iterable of [tokens, hidden] float32 arrays: PCA streams them; PQ keeps them (a bounded sample)."""
-    from pipeline.codec import LinearCodec
+    from pipeline.codec.state_codec import LinearCodec
 
     if compression.codec == "linear":
         acc = None

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.corpus import Corpus
-from pipeline.splits import Split, sample_key
+from pipeline.corpus.source import Corpus
+from pipeline.corpus.splits import Split, sample_key
 
 
 def fit_sample_task(corpus_cfg, storage_options: dict, split: dict, k: int) -> dict:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import BUNDLED_CORPUS, CorpusConfig, resolve_corpus
-from pipeline.splits import (SourceFile, Split, auto_rows_per_split, estimated_rows, plan_digest,
+from pipeline.corpus.splits import (SourceFile, Split, auto_rows_per_split, estimated_rows, plan_digest,
                              plan_splits)
 from storage.errors import UsageError
 from storage.fs import Location, redact_url

@@ -1,0 +1,1 @@
+"""Corpus stage: the split plan, the sources each format is read from, row validation, samples, duplicate ids."""

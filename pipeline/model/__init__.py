@@ -1,0 +1,1 @@
+"""Model stage: the model spec resolved once, tokenisation, the input component (lower layers), the guard, DPR."""
