@@ -117,12 +117,12 @@ def report() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global ROOT
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--root", type=Path, default=ROOT,
                    help="the checkout to measure (e.g. a `git worktree` of an older commit); default: this one")
     a = p.parse_args(argv)
-    global ROOT
     ROOT = a.root.resolve()
     r = report()
     if a.json:
