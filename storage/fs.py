@@ -1,5 +1,7 @@
-"""One object store rooted at a URL: the only module that talks to fsspec directly.
+"""One object store rooted at a URL, and the fsspec rules the rest share: atomic writes, the
+size/sha256 check against a manifest entry, a file's version key, where credentials are refused.
 
+Only this module and the corpus readers (`pipeline.corpus.files`, `.formats`) talk to fsspec.
 Paths handed to and returned from `Store` are relative to the root, with '/' separators, so a
 manifest written on S3 reads the same when the store is mirrored to a local directory.
 """
