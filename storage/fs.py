@@ -39,23 +39,16 @@ def missing_file(path: str) -> IntegrityError:
     return IntegrityError(f"{path}: missing from the store")
 
 
-def mismatch(entry: dict, size: int, sha256: str | None = None) -> str | None:
-    """What differs between a file and its manifest entry, or None: the one wording that readers
-    (refusing the file) and `verify` (listing it) share. The sha256 is compared only when given."""
+def check_entry(entry: dict, size: int, sha256: str | None = None) -> None:
+    """Raise IntegrityError unless the file's size (and sha256, when given) match its manifest entry:
+    one wording for readers refusing a file and for `verify` listing it."""
     path = entry["path"]
     if "bytes" in entry and size != entry["bytes"]:
-        return f"{path}: size differs from the manifest ({size} bytes, the manifest says {entry['bytes']})"
+        raise IntegrityError(f"{path}: size differs from the manifest ({size} bytes, the manifest says "
+                             f"{entry['bytes']})")
     if sha256 is not None and sha256 != entry["sha256"]:
-        return (f"{path}: checksum differs from the manifest (sha256 {sha256[:16]}…, "
-                f"the manifest says {entry['sha256'][:16]}…)")
-    return None
-
-
-def check_entry(entry: dict, size: int, sha256: str | None = None) -> None:
-    """Raise IntegrityError unless the file's size (and sha256, when given) match its manifest entry."""
-    problem = mismatch(entry, size, sha256)
-    if problem:
-        raise IntegrityError(problem)
+        raise IntegrityError(f"{path}: checksum differs from the manifest (sha256 {sha256[:16]}…, "
+                             f"the manifest says {entry['sha256'][:16]}…)")
 
 
 # How fsspec backends (local, s3fs, gcsfs, adlfs...) name a file's version and its last change.
