@@ -82,7 +82,7 @@ def build_store(work: Path, n: int, a: Path, texts: list[str], model: Path) -> P
     """A real 2,000-passage run, inflated to N with copies of its states (format-1 manifest, v2)."""
     import pyarrow as pa
 
-    from pipeline.corpus.source import content_hash
+    from pipeline.corpus.rows import content_hash
     from storage import manifest as mf
     from storage.fs import Store
     from storage.shards import read_metadata, read_rows, write_shard

@@ -1,5 +1,7 @@
-"""One object store rooted at a URL: the only module that talks to fsspec directly.
+"""One object store rooted at a URL, and the fsspec rules the rest share: atomic writes, the
+size/sha256 check against a manifest entry, a file's version key, where credentials are refused.
 
+Only this module and the corpus readers (`pipeline.corpus.files`, `.formats`) talk to fsspec.
 Paths handed to and returned from `Store` are relative to the root, with '/' separators, so a
 manifest written on S3 reads the same when the store is mirrored to a local directory.
 """
@@ -10,10 +12,10 @@ import logging
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
@@ -31,6 +33,89 @@ class IntegrityError(OperationFailed, RuntimeError):
 
 class AlreadyExists(FileExistsError):
     """An exclusive create found the object already there (someone else committed first)."""
+
+
+def missing_file(path: str) -> IntegrityError:
+    return IntegrityError(f"{path}: missing from the store")
+
+
+def check_entry(entry: dict, size: int, sha256: str | None = None) -> None:
+    """Raise IntegrityError unless the file's size (and sha256, when given) match its manifest entry:
+    one wording for readers refusing a file and for `verify` listing it."""
+    path = entry["path"]
+    if "bytes" in entry and size != entry["bytes"]:
+        raise IntegrityError(f"{path}: size differs from the manifest ({size} bytes, the manifest says "
+                             f"{entry['bytes']})")
+    if sha256 is not None and sha256 != entry["sha256"]:
+        raise IntegrityError(f"{path}: checksum differs from the manifest (sha256 {sha256[:16]}…, "
+                             f"the manifest says {entry['sha256'][:16]}…)")
+
+
+# How fsspec backends (local, s3fs, gcsfs, adlfs...) name a file's version and its last change.
+_VERSION_KEYS = ("ETag", "etag", "generation", "md5Hash")
+_MODIFIED_KEYS = ("mtime", "LastModified", "updated", "created")
+
+
+def version_key(info: dict) -> str:
+    """What says a file changed, from an fsspec info dict: its ETag/generation where the backend has
+    one, else size + modification time."""
+    for key in _VERSION_KEYS:
+        if info.get(key):
+            return f"{key}:{str(info[key]).strip(chr(34))}:{info.get('size')}"
+    mtime = next((info[key] for key in _MODIFIED_KEYS if info.get(key)), info.get(_MODIFIED_KEYS[-1]))
+    return f"size:{info.get('size')}:mtime:{mtime}"
+
+
+@contextmanager
+def _atomic_local(target: str, publish: Callable[[str, str], None] = os.replace) -> Iterator[IO[bytes]]:
+    """A local file that readers see complete or not at all: written to a temp name beside `target`,
+    fsynced, then published (renamed; hard-linked for an exclusive create). The temp never stays."""
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        publish(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
+def _object_upload(fs, path: str) -> Iterator[IO[bytes]]:
+    """An object-store write that appears only when it completes: on failure the upload is aborted."""
+    out = fs.open(path, "wb")
+    try:
+        yield out
+    except BaseException:
+        if hasattr(out, "discard"):
+            out.discard()  # fsspec: abort the multipart upload instead of completing a partial object
+        else:
+            out.close()
+        raise
+    out.close()
+
+
+def _put(fs, path: str, data: bytes, local: bool) -> None:
+    """A whole object that readers never see half done (temp + fsync + rename locally; one PUT elsewhere)."""
+    if local:
+        with _atomic_local(path) as fh:
+            fh.write(data)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _copy_hashing(src: IO[bytes], out: IO[bytes] | None = None) -> tuple[int, str]:
+    """Stream `src` (into `out` when given), hashing as it goes: (bytes, sha256 hex)."""
+    digest, n = hashlib.sha256(), 0
+    while chunk := src.read(_HASH_CHUNK):
+        digest.update(chunk)
+        if out is not None:
+            out.write(chunk)
+        n += len(chunk)
+    return n, digest.hexdigest()
 
 
 def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -104,14 +189,7 @@ def write_url(url: str, data: bytes, storage_options: dict[str, Any] | None = No
     """A whole small file outside any store (a tool's output): complete or absent, never half written."""
     try:
         fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
-        if "file" in _protocols(fs):
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        else:
-            fs.pipe_file(path, data)
+        _put(fs, path, data, "file" in _protocols(fs))
     except (OSError, TypeError, ValueError) as exc:
         raise UsageError(f"cannot write {redact_url(str(url))} ({type(exc).__name__}: {_scrub(str(exc), url)})") from exc
 
@@ -250,17 +328,7 @@ class Store:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Whole-object write that readers never see half done (temp + rename locally; one PUT on S3)."""
-        target = self.full(rel)
-        if self.is_local:
-            os.makedirs(posixpath.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        else:
-            self.fs.pipe_file(target, data)
+        _put(self.fs, self.full(rel), data, self.is_local)
 
     def create_exclusive(self, rel: str, data: bytes) -> None:
         """Create `rel` only if absent; raise AlreadyExists otherwise.
@@ -271,18 +339,11 @@ class Store:
         """
         target = self.full(rel)
         if self.is_local:
-            os.makedirs(posixpath.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
             try:
-                os.link(tmp, target)
+                with _atomic_local(target, publish=os.link) as fh:
+                    fh.write(data)
             except FileExistsError as exc:
                 raise AlreadyExists(rel) from exc
-            finally:
-                os.unlink(tmp)
             return
         try:
             with self.fs.open(target, "xb") as fh:
@@ -343,9 +404,8 @@ class Store:
         try:
             data = self.read_bytes(entry["path"])
         except FileNotFoundError as exc:
-            raise IntegrityError(f"missing file: {entry['path']}") from exc
-        if ("bytes" in entry and len(data) != entry["bytes"]) or sha256_bytes(data) != entry["sha256"]:
-            raise IntegrityError(f"{entry['path']}: size or checksum differs from the manifest; refusing it")
+            raise missing_file(entry["path"]) from exc
+        check_entry(entry, len(data), sha256_bytes(data))
         return data
 
     def local_path(self, rel: str) -> str | None:
@@ -357,74 +417,35 @@ class Store:
 
         Nothing the size of the file is held in memory; readers never see it half written (temp +
         rename locally; on S3 a multipart upload only appears when it completes)."""
-        digest, n = hashlib.sha256(), 0
         target = self.full(rel)
-        if self.is_local:
-            os.makedirs(posixpath.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            out = open(tmp, "wb")
-        else:
-            tmp, out = None, self.fs.open(target, "wb")
-        try:
-            with open(local_path, "rb") as src:
-                while chunk := src.read(_HASH_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    n += len(chunk)
-            if tmp is not None:
-                out.flush()
-                os.fsync(out.fileno())
-        except BaseException:
-            if hasattr(out, "discard"):
-                out.discard()  # fsspec: abort the multipart upload instead of completing a partial object
-            else:
-                out.close()
-            raise
-        else:
-            out.close()
-            if tmp is not None:
-                os.replace(tmp, target)
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
-        return {"path": rel, "sha256": digest.hexdigest(), "bytes": n}
+        with (_atomic_local(target) if self.is_local else _object_upload(self.fs, target)) as out, \
+                open(local_path, "rb") as src:
+            n, sha = _copy_hashing(src, out)
+        return {"path": rel, "sha256": sha, "bytes": n}
 
-    def check_file(self, entry: dict) -> None:
-        """Raise IntegrityError unless the file at entry['path'] has the entry's size and sha256 (streamed)."""
+    def check_file(self, entry: dict, checksum: bool = True) -> None:
+        """Raise IntegrityError unless the file at entry['path'] has the entry's size and (when
+        `checksum`) sha256; the hash is streamed, and skipped when the size already differs."""
         try:
             size = self.size(entry["path"])
         except FileNotFoundError as exc:
-            raise IntegrityError(f"missing file: {entry['path']}") from exc
-        if size != entry["bytes"] or self.sha256(entry["path"]) != entry["sha256"]:
-            raise IntegrityError(f"{entry['path']}: size or checksum differs from the manifest; refusing it")
+            raise missing_file(entry["path"]) from exc
+        check_entry(entry, size)
+        if checksum:
+            check_entry(entry, size, self.sha256(entry["path"]))
 
     def download_verified(self, entry: dict, local_path: str) -> None:
         """Stream entry['path'] to local_path, which appears only if size and sha256 match the entry."""
-        digest, n = hashlib.sha256(), 0
-        tmp = f"{local_path}.tmp-{uuid.uuid4().hex}"
         try:
             src = self.open(entry["path"], "rb")
         except FileNotFoundError as exc:
-            raise IntegrityError(f"missing file: {entry['path']}") from exc
-        try:
-            with src, open(tmp, "wb") as out:
-                while chunk := src.read(_HASH_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    n += len(chunk)
-            if n != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
-                raise IntegrityError(f"{entry['path']}: size or checksum differs from the manifest; refusing it")
-            os.replace(tmp, local_path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            raise missing_file(entry["path"]) from exc
+        with src, _atomic_local(local_path) as out:
+            check_entry(entry, *_copy_hashing(src, out))
 
     def sha256(self, rel: str) -> str:
-        digest = hashlib.sha256()
         with self.open(rel, "rb") as fh:
-            while chunk := fh.read(_HASH_CHUNK):
-                digest.update(chunk)
-        return digest.hexdigest()
+            return _copy_hashing(fh)[1]
 
 
 def _protocols(fs) -> tuple[str, ...]:

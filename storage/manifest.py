@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from storage.errors import OperationFailed
-from storage.fs import AlreadyExists, Store
+from storage.fs import AlreadyExists, IntegrityError, Store
 from storage.shards import read_rows
 
 log = logging.getLogger(__name__)
@@ -315,17 +315,11 @@ def verify(store: Store, manifest: Manifest, check_ids: bool = True, threads: in
 
 
 def _check_file(store: Store, entry: dict) -> str | None:
-    path = entry["path"]
+    """The problem with one referenced file, worded as a reader refusing it would say it, or None."""
     try:
-        size = store.size(path)
-    except FileNotFoundError:
-        return f"missing file: {path}"
-    if size != entry["bytes"]:
-        return f"size mismatch: {path} is {size} bytes, manifest says {entry['bytes']}"
-    digest = store.sha256(path)
-    if digest != entry["sha256"]:
-        return (f"checksum mismatch: {path} has sha256 {digest[:16]}…, "
-                f"manifest says {entry['sha256'][:16]}…")
+        store.check_file(entry)
+    except IntegrityError as exc:
+        return str(exc)
     return None
 
 

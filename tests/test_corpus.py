@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ConfigError, CorpusConfig
-from pipeline.corpus.source import Corpus, CorpusError, content_hash, normalise
+from pipeline.corpus.rows import CorpusError, content_hash, normalise
+from pipeline.corpus.source import Corpus
 from tests.conftest import first_passages, write_tsv
 
 

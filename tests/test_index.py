@@ -6,6 +6,7 @@ from jobs.cli import main as cli
 from pipeline.index import faiss_file as fx
 from pipeline.index.plan import parse_bytes, plan_index
 from storage.fs import Store, sha256_bytes
+from tests.faiss_helpers import add_part, merge
 
 
 def test_plan_for_wikipedia_scale_shows_flat_is_98gb_and_picks_a_compressed_ivf(capsys):
@@ -35,7 +36,7 @@ def test_parts_merged_equal_one_build_with_passage_ids(factory):
     x = rng.standard_normal((600, 32)).astype(np.float32)
     ids = rng.choice(10**9, 600, replace=False).astype(np.int64)
     trained = fx.to_bytes(fx.train(fx.new_index(factory, 32), x))
-    merged = fx.merge(trained, [fx.add_part(trained, ids[i:i + 200], x[i:i + 200]) for i in range(0, 600, 200)])
+    merged = merge(trained, [add_part(trained, ids[i:i + 200], x[i:i + 200]) for i in range(0, 600, 200)])
     single = fx.from_bytes(trained)
     single.add_with_ids(x, ids)
     assert merged.ntotal == 600

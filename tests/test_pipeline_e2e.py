@@ -195,6 +195,7 @@ def test_approximate_index_recall_at_10_against_flat(sample_store):
     from pipeline.index import faiss_file as fx
     from pipeline.index.build import read_embeddings as _read_embeddings
     from pipeline.serve.searcher import Searcher
+    from tests.faiss_helpers import add_part, merge
     cfg, _ = sample_store
     store = Store(cfg.store)
     m = mf.load(store)
@@ -205,7 +206,7 @@ def test_approximate_index_recall_at_10_against_flat(sample_store):
     report = {}
     for factory, nprobe in (("IVF32,PQ16", 4), ("IVF32,SQ8", 4), ("HNSW32,SQ8", 16)):
         trained = fx.to_bytes(fx.train(fx.new_index(factory, vecs.shape[1]), vecs))
-        approx = fx.merge(trained, [fx.add_part(trained, ids, v) for ids, v in parts])
+        approx = merge(trained, [add_part(trained, ids, v) for ids, v in parts])
         fx.set_nprobe(approx, nprobe)
         report[factory] = fx.recall_at_k(exact, approx, q, 10).recall
     print("recall@10 vs Flat:", report)

@@ -86,7 +86,7 @@ def test_model_geometry_and_factory_fail_before_ray(tmp_path, tiny_model, flags,
 
 def test_an_error_raised_in_a_ray_worker_is_one_line_with_its_exit_code(ray_local, caplog):
     from jobs.cli import guarded
-    from pipeline.corpus.source import CorpusError
+    from pipeline.corpus.rows import CorpusError
     from storage.manifest import CommitConflict
 
     @ray_local.remote

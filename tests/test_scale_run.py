@@ -31,7 +31,7 @@ def test_duplicate_ids_across_splits_are_refused_before_anything_is_committed(
         ray_local, tmp_path, tiny_model, corpus_with_a_duplicate_across_splits):
     path, rows, dup = corpus_with_a_duplicate_across_splits
     store = tmp_path / "store"
-    from pipeline.corpus.source import CorpusError
+    from pipeline.corpus.rows import CorpusError
     with pytest.raises(CorpusError, match=rf"duplicate passage id.*\[{dup[0]}\]"):
         run(_cfg(store, path, tiny_model))
     assert mf.latest_version(Store(str(store))) is None
@@ -49,7 +49,7 @@ def test_keep_first_keeps_the_earlier_copy_and_counts_the_later_one(
     m = mf.load(store)
     assert mf.verify(store, m).ok and m.counts["accepted"] == len(rows)
     # the live copy of the id is the first one in corpus order: its content hash is the first text's
-    from pipeline.corpus.source import content_hash, normalise
+    from pipeline.corpus.rows import content_hash, normalise
     from storage import tombstones
     from storage.shards import read_rows
     dead = tombstones.load(store, m.artifacts.get("tombstones"))
@@ -75,7 +75,7 @@ def test_a_corpus_changed_between_plan_and_encode_is_refused_naming_the_file(
 
     monkeypatch.setattr(runner, "_obtain_compressor", then_edit)
     store = tmp_path / "store"
-    from pipeline.corpus.source import CorpusChanged
+    from pipeline.corpus.rows import CorpusChanged
     with pytest.raises(CorpusChanged, match=r"moving\.tsv changed after the run was planned"):
         run(_cfg(store, path, tiny_model))
     assert mf.latest_version(Store(str(store))) is None

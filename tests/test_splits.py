@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import CorpusConfig
-from pipeline.corpus.source import Corpus, CorpusChanged, CorpusError
+from pipeline.corpus.rows import CorpusChanged, CorpusError
+from pipeline.corpus.source import Corpus
 from pipeline.corpus.fit_sample import merge_fit_samples
 from pipeline.corpus.splits import (SourceFile, Split, auto_rows_per_split, plan_digest, plan_splits, sample_key,
                              sample_splits)

@@ -240,7 +240,7 @@ def test_compact_keeps_content_and_drops_shard_count(updated):
 
 def test_diff_corpus_on_workers_handles_unordered_ids_and_duplicates_across_splits(tmp_path, ray_local):
     """Ascending ids skip np.unique; shuffled ids with a duplicate in a later split must not."""
-    from pipeline.corpus.source import content_hash
+    from pipeline.corpus.rows import content_hash
     from pipeline.workers.update_scan import diff_corpus
 
     rows = [(i, f"passage {i} text", f"T{i}") for i in (5, 3, 9, 1, 7, 2, 8, 3, 4)]  # id 3 twice: splits 0 and 2

@@ -20,7 +20,8 @@ import numpy as np
 
 from pipeline.codec.state_codec import codec_from_bytes
 from pipeline.config import ModelConfig, RunConfig, digest, fingerprint
-from pipeline.corpus.source import Corpus, CorpusCounts, CorpusError, CorpusPlan
+from pipeline.corpus.rows import CorpusCounts, CorpusError
+from pipeline.corpus.source import Corpus, CorpusPlan
 from pipeline.corpus.duplicates import find_duplicates
 from pipeline.workers.dataflow import cluster_gpus, encode_splits, init_ray
 from pipeline.model.encoder import model_revision, pick_device

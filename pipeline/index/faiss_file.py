@@ -1,8 +1,8 @@
-"""FAISS index over DPR passage embeddings, with ids = passage ids (removable for incremental updates).
+"""FAISS indexes over DPR passage embeddings, with ids = passage ids (removable for incremental updates).
 
-Training uses a sample; adding is split per shard (each part is the trained empty index plus one
-shard's vectors) so parts can be built in parallel and merged. An index file is loaded only after
-its sha256 matches the manifest.
+The primitives the build tasks use (`pipeline.index.build`: factory checks, training, IVF parts
+merged on disk) and the read side: `load_checked` opens a committed index (base, delta and
+hidden ids as a `LiveIndex`) only after every file of it matches the manifest's size and sha256.
 """
 from __future__ import annotations
 
@@ -83,33 +83,6 @@ def to_bytes(index: faiss.Index) -> bytes:
 
 def from_bytes(data: bytes) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-
-
-def add_part(trained: bytes, ids: np.ndarray, vectors: np.ndarray) -> bytes:
-    """One shard's part: the trained empty index plus that shard's vectors (a Ray task's work)."""
-    index = from_bytes(trained)
-    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
-    return to_bytes(index)
-
-
-def merge(trained: bytes, parts: list[bytes]) -> faiss.Index:
-    index = from_bytes(trained)
-    for part in parts:
-        other = from_bytes(part)
-        try:
-            index.merge_from(other, 0)
-        except RuntimeError:
-            # Indexes without merge support (HNSW): re-add the part's vectors.
-            ids, vecs = _vectors_of(other)
-            index.add_with_ids(vecs, ids)
-    return index
-
-
-def _vectors_of(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
-    idmap = faiss.downcast_index(index)
-    ids = faiss.vector_to_array(idmap.id_map).astype(np.int64)
-    vecs = np.vstack([idmap.reconstruct(int(i)) for i in ids]) if ids.size else np.zeros((0, index.d), np.float32)
-    return ids, vecs
 
 
 def index_ids(index) -> np.ndarray:

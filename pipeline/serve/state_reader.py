@@ -84,14 +84,7 @@ class StateReader:
         path = shard["path"]
         if path in self._checked:
             return
-        try:
-            size = self.store.size(path)
-        except FileNotFoundError as exc:
-            raise IntegrityError(f"missing shard: {path}") from exc
-        if size != shard["bytes"]:
-            raise IntegrityError(f"{path}: {size} bytes, manifest says {shard['bytes']}; refusing it")
-        if self.verify == "checksum" and self.store.sha256(path) != shard["sha256"]:
-            raise IntegrityError(f"{path}: checksum differs from the manifest; refusing it")
+        self.store.check_file(shard, checksum=self.verify == "checksum")
         self._checked.add(path)
 
     def ids(self) -> np.ndarray:

@@ -9,7 +9,7 @@ import json
 import logging
 from typing import Any, Callable
 
-from pipeline.corpus.source import CorpusError
+from pipeline.corpus.rows import CorpusError
 from pipeline.workers.ingest import PrepareStage
 from pipeline.workers.sink import ShardSink
 from pipeline.workers.steps import EncodeStage, StageContext

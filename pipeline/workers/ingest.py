@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipeline.corpus.source import Corpus, CorpusCounts
+from pipeline.corpus.rows import CorpusCounts
+from pipeline.corpus.source import Corpus
 from pipeline.corpus.splits import Split
 from pipeline.workers.steps import StageContext, TokenizeStage, input_path, marker_path, meta_column
 from storage.shards import read_rows

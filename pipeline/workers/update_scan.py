@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import CorpusConfig
-from pipeline.corpus.source import Corpus, CorpusCounts, CorpusError, CorpusPlan
+from pipeline.corpus.rows import CorpusCounts, CorpusError
+from pipeline.corpus.source import Corpus, CorpusPlan
 from pipeline.corpus.splits import Split
 from storage.fs import Store
 from storage.shards import read_rows, write_shard
