@@ -7,37 +7,29 @@ Inside `ray job submit` it joins the cluster it was submitted to.
 """
 from __future__ import annotations
 
-import argparse
-import logging
-
 from jobs import jobfile
-from pipeline.config import ConfigError, run_config_from_dict
+from pipeline.config import run_config_from_dict
 
-log = logging.getLogger("jobs.encode")
+
+def _load(path: str) -> dict:
+    """The file's sections as the RunConfig `precompute run`'s flags would give, and its GPU assumptions."""
+    body = jobfile.read(path)
+    gpu = jobfile.gpu_assumptions(body.pop("plan", None))
+    cfg = run_config_from_dict(body)
+    return {"store": cfg.store, "config": cfg, "gpu": gpu}
+
+
+def _encode(job: dict, a) -> int:
+    from jobs.cli.encode import print_plan, run_and_report
+
+    if a.dry_run:
+        return print_plan(job["config"], job["gpu"], a.json)
+    return run_and_report(job["config"], None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.encode", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML job config")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate the config and corpus, print passages, shards, GPU-hours and storage; do nothing")
-    p.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
-    args = p.parse_args(argv)
-    from jobs.cli import configure_logging, guarded
-    configure_logging()
-    try:
-        body = jobfile.read(args.config)
-        gpu = jobfile.gpu_assumptions(body.pop("plan", None))
-        cfg = run_config_from_dict(body)
-        jobfile.check_store_for_submitted_job(cfg.store)
-    except ConfigError as exc:
-        log.error("%s: %s", args.config, exc)
-        return 2
-    from jobs.cli import print_plan, run_and_report
-    if args.dry_run:
-        return guarded(lambda: print_plan(cfg, gpu, args.json))
-    return guarded(lambda: run_and_report(cfg, None))
+    return jobfile.job_main("encode", __doc__, "validate the config and corpus, print passages, shards, GPU-hours "
+                            "and storage; do nothing", _load, _encode, argv)
 
 
 if __name__ == "__main__":

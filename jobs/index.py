@@ -6,15 +6,21 @@ Keys: store, factory (required); storage_options, train_sample, nprobe, address.
 """
 from __future__ import annotations
 
-from jobs.jobfile import FlatJob
+from jobs import jobfile
+from pipeline.job_requests import INDEX_SCHEMA
 
-SCHEMA = {"store": str, "factory": str, "storage_options": dict, "train_sample": int, "nprobe": int, "address": str}
-JOB = FlatJob(
-    name="index", doc=__doc__, command="index", schema=SCHEMA, required=("store", "factory"),
-    flags={"store": "--store", "factory": "--factory", "storage_options": "--storage-options",
-           "train_sample": "--train-sample", "nprobe": "--nprobe", "address": "--address"},
-    dry_run_help="print vectors, shards, GPU-hours and index size; do nothing")
-main = JOB.main
+SCHEMA = INDEX_SCHEMA
+REQUIRED = ("store", "factory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.cli.index import index_and_report
+
+    return jobfile.job_main("index", __doc__, "print vectors, shards, GPU-hours and index size; do nothing",
+                            lambda path: jobfile.load(path, SCHEMA, REQUIRED),
+                            lambda body, a: index_and_report({k: v for k, v in body.items() if k != "plan"},
+                                                             a.dry_run, a.json), argv)
+
 
 if __name__ == "__main__":
     from jobs.cli import exit_process

@@ -6,18 +6,27 @@ plan (GPU assumptions for --dry-run: tokens_per_second, peak_tflops, utilisation
 """
 from __future__ import annotations
 
-from jobs.jobfile import FlatJob
+from jobs import jobfile
+from pipeline.job_requests import UPDATE_REQUIRED, UPDATE_SCHEMA
 
-SCHEMA = {"store": str, "corpus": str, "storage_options": dict, "corpus_storage_options": dict, "format": str, "rebuild_fraction": (int, float),
-          "shard_size": int, "address": str, "id_column": str, "title_column": str, "text_column": str}
-JOB = FlatJob(
-    name="update", doc=__doc__, command="update", schema=SCHEMA, required=("store", "corpus"), plan_flags=True,
-    flags={"store": "--store", "corpus": "--corpus", "storage_options": "--storage-options",
-           "corpus_storage_options": "--corpus-storage-options", "format": "--format",
-           "rebuild_fraction": "--rebuild-fraction", "shard_size": "--shard-size", "address": "--address",
-           "id_column": "--id-column", "title_column": "--title-column", "text_column": "--text-column"},
-    dry_run_help="print new/changed/deleted counts, shards, GPU-hours and storage delta; do nothing")
-main = JOB.main
+# The keys of `precompute update`'s settings a job file may set (the rest always come from the parent version).
+KEYS = ("store", "corpus", "storage_options", "corpus_storage_options", "format", "rebuild_fraction", "shard_size",
+        "address", "id_column", "title_column", "text_column")
+SCHEMA = {k: UPDATE_SCHEMA[k] for k in KEYS}
+
+
+def _update(body: dict, a) -> int:
+    from jobs.cli.encode import update_and_report
+
+    gpu = jobfile.gpu_assumptions(body.get("plan")) if a.dry_run else None
+    return update_and_report({k: v for k, v in body.items() if k != "plan"}, gpu, a.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return jobfile.job_main("update", __doc__,
+                            "print new/changed/deleted counts, shards, GPU-hours and storage delta; do nothing",
+                            lambda path: jobfile.load(path, SCHEMA, UPDATE_REQUIRED), _update, argv)
+
 
 if __name__ == "__main__":
     from jobs.cli import exit_process

@@ -8,35 +8,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage.errors import UsageError
+from pipeline.schema import ATTENTION_CHOICES, CHOICES, ConfigError, build, check_choice, check_device  # noqa: F401
 
 BUNDLED_MODEL = "bundled:all-minilm-l6-v2"
 BUNDLED_CORPUS = "bundled:wiki_passages_2k"
-
-ATTENTION_CHOICES = ("auto", "mask", "packed")  # how the encoder batches: see pipeline/model/packed_attention.py
-
-_CHOICES = {
-    "format": ("auto", "tsv", "jsonl", "parquet", "hf"),
-    "on_empty": ("skip", "error"),
-    "on_invalid_utf8": ("skip", "error"),
-    "on_malformed": ("error", "skip"),
-    "on_duplicate": ("error", "keep-first"),
-    "on_too_long": ("truncate", "skip"),
-    "quantize": ("int8", "none"),
-    "codec": ("linear", "pq"),
-    "residual": ("none", "embeddings"),
-    "device": ("auto", "cpu", "cuda"),
-    "attention": ATTENTION_CHOICES,
-}
-
-
-class ConfigError(UsageError, ValueError):
-    """A configuration value is invalid; the message names the key."""
-
-
-def _check_choice(key: str, value: str) -> None:
-    if value not in _CHOICES[key]:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(_CHOICES[key])}")
 
 
 def resolve_model(name: str) -> str:
@@ -73,7 +48,7 @@ class CorpusConfig:
 
     def __post_init__(self):
         for key in ("format", "on_empty", "on_invalid_utf8", "on_malformed", "on_duplicate"):
-            _check_choice(key, getattr(self, key))
+            check_choice(key, getattr(self, key))
         if self.limit is not None and self.limit < 1:
             raise ConfigError("limit must be at least 1")
         if self.max_field_bytes < 64:
@@ -89,7 +64,7 @@ class ModelConfig:
     on_too_long: str = "truncate"
 
     def __post_init__(self):
-        _check_choice("on_too_long", self.on_too_long)
+        check_choice("on_too_long", self.on_too_long)
         if self.layers < 1:
             raise ConfigError(f"layers={self.layers}: the input component needs at least one layer")
         if self.max_length is not None and self.max_length < 8:
@@ -116,9 +91,9 @@ class CompressionConfig:
     #                                   compress per passage: measured 32.0 -> 32.0 B/token, `precompute report`)
 
     def __post_init__(self):
-        _check_choice("quantize", self.quantize)
-        _check_choice("codec", self.codec)
-        _check_choice("residual", self.residual)
+        check_choice("quantize", self.quantize)
+        check_choice("codec", self.codec)
+        check_choice("residual", self.residual)
         if self.dims is None and self.codec == "linear":
             object.__setattr__(self, "dims", 192)
         if self.zstd_level is None:
@@ -150,8 +125,8 @@ class ExecutionConfig:
     compile: bool = False  # torch.compile the packed layers' dense parts (one compile per encoder actor)
 
     def __post_init__(self):
-        _check_choice("device", self.device)
-        _check_choice("attention", self.attention)
+        check_device(self.device)
+        check_choice("attention", self.attention)
         if self.compile and self.attention == "mask":
             raise ConfigError("compile=true needs attention=packed or auto (it compiles the packed layers)")
         if (self.shard_size is not None and self.shard_size < 1) or (self.token_budget is not None and self.token_budget < 1) or self.row_group_size < 1:
@@ -180,10 +155,8 @@ class DprConfig:
     nprobe: int = 16
 
     def __post_init__(self):
-        if self.pooling not in ("auto", "cls", "mean"):
-            raise ConfigError(f"dpr pooling={self.pooling!r} is not one of auto, cls, mean")
-        if self.dtype not in ("float16", "float32"):
-            raise ConfigError(f"dpr dtype={self.dtype!r} is not float16 or float32")
+        check_choice("pooling", self.pooling)
+        check_choice("dtype", self.dtype)
         if self.train_sample < 1 or self.nprobe < 1:
             raise ConfigError(f"train_sample={self.train_sample} and nprobe={self.nprobe} must be at least 1")
 
@@ -282,14 +255,6 @@ def _options(value: Any, where: str) -> dict[str, Any] | None:
     return value
 
 
-_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
-
-
-def _expected_type(f: dataclasses.Field) -> type | None:
-    """The scalar type a job-file value must have: the annotation's first alternative (`int | None` -> int)."""
-    return _SCALARS.get(str(f.type).split("|")[0].strip())
-
-
 def run_config_from_dict(body: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from a job file's mapping; unknown or mistyped keys are named."""
     if not isinstance(body, dict):
@@ -313,23 +278,7 @@ def run_config_from_dict(body: dict[str, Any]) -> RunConfig:
         if located:  # this location's options: a RunConfig field, kept out of the section
             raw = dict(raw)
             options[located[1]] = _options(raw.pop("storage_options", None), f"{name}.storage_options")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        for key, value in raw.items():
-            if key not in fields:
-                known = [*fields, *(["storage_options"] if located else [])]
-                raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(known)})")
-            expected = _expected_type(fields[key])
-            if expected is None or value is None:
-                continue
-            numeric_ok = expected is float and isinstance(value, int) and not isinstance(value, bool)
-            if (not isinstance(value, expected) or (expected is int and isinstance(value, bool))) and not numeric_ok:
-                raise ConfigError(f"{name}.{key}: expected {expected.__name__}, got {value!r}")
-        try:
-            sections[name] = cls(**raw)
-        except TypeError as exc:
-            raise ConfigError(f"{name}: {exc}") from exc
-        except ConfigError as exc:
-            raise ConfigError(f"{name}.{exc}") from exc
+        sections[name] = build(cls, raw, f"{name}.", {"storage_options": dict} if located else None)
     options["corpus_storage_options"] = options.get("corpus_storage_options") or {}
     return RunConfig(store=str(body["store"]), storage_options=_options(body.get("storage_options"), "storage_options")
                      or {}, **options, **sections)

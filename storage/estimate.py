@@ -34,6 +34,18 @@ def default_zstd_ratio(bits: float, bitpacked: bool = False, compressible: bool 
     return MEASURED_ZSTD_RATIO[widths[0]] if widths else 1.0
 
 
+def codec_assumptions(layout_fields: dict[str, float], compressible: bool, scale_bytes: float, bitpacked: bool,
+                      zstd_ratio: float | None) -> dict[str, float]:
+    """A planned codec layout as `Assumptions` fields: the scale bytes asked for where the layout has scales,
+    and, unless measured or given, the zstd ratio a real store measured at that width."""
+    fields = dict(layout_fields)
+    if compressible and fields.get("scale_bytes"):
+        fields["scale_bytes"] = scale_bytes
+    if zstd_ratio is None:
+        zstd_ratio = default_zstd_ratio(fields["bits"], bitpacked, compressible=compressible)
+    return {**fields, "zstd_ratio": zstd_ratio}
+
+
 @dataclass(frozen=True)
 class Assumptions:
     passages: int = 32_000_000

@@ -118,10 +118,82 @@ def test_storage_and_update_jobs_check_their_keys(tmp_path, capsys):
     assert update_job.main(["--config", str(up)]) == 2  # corpus: required
     up.write_text(f"store: {tmp_path / 'nostore'}\ncorpus: c.tsv\nrebuild_fraction: 0.1\n")
     assert update_job.main(["--config", str(up), "--dry-run"]) == 1  # no version to update yet: said clearly
-    from jobs.jobfile import flags
-    argv = flags({"corpus_storage_options": {"anon": True}}, update_job.JOB.flags)
-    assert argv == ["--corpus-storage-options", '{"anon": true}']
-    assert build_parser().parse_args(["update", "--store", "s", "--corpus", "c", *argv]).corpus_storage_options == argv[1]
+    up.write_text(f"store: {tmp_path / 'nostore'}\ncorpus: c.tsv\nformat: xml\n")
+    assert update_job.main(["--config", str(up)]) == 2  # the CLI's allowed values, the same error
+
+
+def _request(argv, keys):
+    from jobs.cli.options import request
+    return request(build_parser().parse_args(argv), keys)
+
+
+def test_yaml_jobs_and_flags_give_the_same_configs(tmp_path):
+    """One loader: a job file's mapping and the flags' mapping meet in the same pipeline function."""
+    from jobs import index as index_job
+    from jobs import jobfile
+    from jobs import storage as storage_job
+    from jobs import update as update_job
+    from pipeline.job_requests import INDEX_SCHEMA, UPDATE_SCHEMA, EstimateRequest, inherit_config, reindex_config
+    from pipeline.job_requests import ESTIMATE_KEYS
+
+    job = tmp_path / "u.yaml"
+    job.write_text("store: s\ncorpus: c.tsv\ncorpus_storage_options: {anon: true}\nshard_size: 50\n"
+                   "title_column: ''\nrebuild_fraction: 0.5\n")
+    from_yaml = jobfile.load(str(job), update_job.SCHEMA, update_job.UPDATE_REQUIRED)
+    from_flags = _request(["update", "--store", "s", "--corpus", "c.tsv", "--corpus-storage-options",
+                           '{"anon": true}', "--shard-size", "50", "--title-column", "", "--rebuild-fraction", "0.5"],
+                          UPDATE_SCHEMA)
+    assert from_yaml == from_flags
+    parent = {"corpus": {"url": "old.tsv", "limit": 100}, "model": {"layers": 2}, "compression": {"dims": 8},
+              "execution": {}}
+    cfg = inherit_config(parent, 1, from_yaml)
+    assert cfg == inherit_config(parent, 1, from_flags)
+    assert (cfg.corpus.url, cfg.corpus.limit, cfg.corpus.title_column, cfg.execution.shard_size,
+            cfg.model.layers, cfg.compression.dims, cfg.corpus_storage_options) == (
+        "c.tsv", None, "", 50, 2, 8, {"anon": True})  # --limit is never inherited
+
+    job.write_text("store: s\nfactory: IVF4,Flat\nnprobe: 4\n")
+    assert reindex_config(jobfile.load(str(job), index_job.SCHEMA, index_job.REQUIRED)) == reindex_config(
+        _request(["index", "--store", "s", "--factory", "IVF4,Flat", "--nprobe", "4"], INDEX_SCHEMA))
+
+    job.write_text("passages: 1000\ndims: 96\nbits: 5.25\nprices: {mine: 0.5}\n")
+    body = {k: v for k, v in jobfile.load(str(job), storage_job.SCHEMA, ()).items()}
+    flags = _request(["estimate", "--passages", "1000", "--dims", "96", "--bits", "5.25"], ESTIMATE_KEYS)
+    assert EstimateRequest.from_mapping(body) == EstimateRequest.from_mapping({**flags, "prices": {"mine": 0.5}})
+
+
+def test_allowed_values_are_listed_once():
+    from pipeline.schema import CHOICES
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    devices = [a.choices for p in sub.choices.values() for a in p._actions if "--device" in a.option_strings]
+    assert len(devices) == 6 and all(tuple(c) == CHOICES["device"] for c in devices)
+    with pytest.raises(ConfigError, match="device='gpu' is not one of auto, cpu, cuda"):
+        run_config_from_dict({"store": "s", "execution": {"device": "gpu"}})
+    from pipeline.serve.qa_reader import RuntimeConfig
+    with pytest.raises(ConfigError, match="device='gpu'"):
+        RuntimeConfig(device="gpu")
+
+
+def test_a_bad_question_or_k_is_one_error_from_the_cli_and_the_api(tmp_path, caplog):
+    from pipeline.serve.checks import MAX_K, MAX_SEARCH_K, check_k, check_question
+    from storage.errors import UsageError
+
+    for argv, msg in ((["search", "q", "-k", "0"], "k=0: pass 1..10000"), (["search", "q", "-k", "10001"], "k=10001"),
+                      (["search", "  "], "empty question"), (["answer", "q", "-k", "101"], "k=101: pass 1..100"),
+                      (["answer", "x" * 10_001], "longer than 10,000")):
+        caplog.clear()
+        assert cli([argv[0], "--store", str(tmp_path / "none"), *argv[1:]]) == 2, argv
+        assert msg in caplog.text, (argv, caplog.text)
+        assert not (tmp_path / "none").exists()
+    for bad in (0, MAX_K + 1, True, 2.5, "3"):
+        with pytest.raises(UsageError, match="pass 1..100"):
+            check_k(bad)
+    assert check_k(MAX_SEARCH_K, MAX_SEARCH_K) == MAX_SEARCH_K
+    with pytest.raises(ValueError, match="empty question"):  # a ConfigError is still a ValueError to old callers
+        check_question(" ")
+    assert check_question("  who?  ") == "who?"
 
 
 def test_jobplan_arithmetic():

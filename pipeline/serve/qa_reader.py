@@ -18,14 +18,13 @@ from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, A
 
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.model.encoder import LayeredEncoder, compute_dtype, pick_device
+from pipeline.serve.checks import MAX_K, check_device, check_k, check_question  # noqa: F401  (public here too)
 from pipeline.serve.state_reader import EncodedPassage, StateReader
 from pipeline.codec.side_info import SideInfo
 from storage.errors import UsageError
 from storage.fs import Store
 
 log = logging.getLogger(__name__)
-
-MAX_K = 100  # one batch of K sequences; beyond this a caller wants a different tool
 
 
 class ModelMismatch(UsageError, ValueError):
@@ -43,6 +42,7 @@ class RuntimeConfig:
     nprobe: int | None = None
 
     def __post_init__(self):
+        check_device(self.device)
         if self.max_question_tokens < 3 or self.max_answer_tokens < 1:
             raise ConfigError("max_question_tokens must be at least 3 and max_answer_tokens at least 1")
 
@@ -75,18 +75,6 @@ class Answer:
     question: str
     passages: list[PassageResult]
     best: PassageResult | None = None   # the passage holding the best span (QA checkpoints only)
-
-
-def check_question(question: str) -> str:
-    if not isinstance(question, str) or not question.strip():
-        raise ConfigError("empty question: pass the question text")
-    return question.strip()
-
-
-def check_k(k: int) -> int:
-    if not 1 <= k <= MAX_K:
-        raise ConfigError(f"k={k}: pass 1..{MAX_K} passages (one batch of k sequences)")
-    return k
 
 
 def check_model(fingerprint: dict, name: str) -> ModelConfig:

@@ -8,6 +8,8 @@ import numpy as np
 from pipeline.index import faiss_file as fx
 from pipeline.model.dpr import Embedder
 from pipeline.model.encoder import pick_device
+from pipeline.schema import ConfigError
+from pipeline.serve.checks import MAX_SEARCH_K, check_device, check_k, check_question
 from pipeline.serve.state_reader import PassageStates, StateReader
 from storage import manifest as mf
 from storage.errors import OperationFailed
@@ -30,6 +32,7 @@ class Hit:
 
 class Searcher:
     def __init__(self, store: Store, version: int | None = None, device: str = "auto", nprobe: int | None = None):
+        check_device(device)
         self.store = store
         self.manifest = mf.load(store, version)
         entry = self.manifest.artifacts.get("dpr_index")
@@ -59,11 +62,11 @@ class Searcher:
         return out
 
     def search(self, questions: list[str], k: int = 10, with_states: bool = False) -> list[list[Hit]]:
-        if not questions or any(not q or not q.strip() for q in questions):
-            raise ValueError("empty question: pass the question text")
-        if k < 1:
-            raise ValueError("k must be at least 1")
-        q = self.encoder.embed_questions([x.strip() for x in questions])
+        """Top k per question; a bad question or k is the same ConfigError the CLI reports."""
+        if not questions:
+            raise ConfigError("no questions: pass at least one question text")
+        questions, k = [check_question(q) for q in questions], check_k(k, MAX_SEARCH_K)
+        q = self.encoder.embed_questions(questions)
         scores, ids = self.index.search(np.ascontiguousarray(q, dtype=np.float32), k)
         flat = sorted({int(i) for row in ids for i in row if i >= 0})
         titles = self.titles(flat)
