@@ -326,7 +326,7 @@ def _check_file(store: Store, entry: dict) -> str | None:
 def _check_ids(store: Store, manifest: Manifest, report: VerifyReport) -> None:
     from storage import tombstones
 
-    dead = tombstones.load(store, manifest.artifacts.get("tombstones"))
+    dead = tombstones.of_version(store, manifest)
     by_kind: dict[str, list[np.ndarray]] = {}
     for shard in manifest.shards:
         try:

@@ -59,6 +59,10 @@ class ShardFile:
         return {"path": self.path, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256,
                 "id_min": self.id_min, "id_max": self.id_max}
 
+    def entry(self, kind: str) -> dict:
+        """This file as a version lists it: its fields and what it holds ("states", "dpr")."""
+        return {**self.to_dict(), "kind": kind}
+
 
 def encode_parquet(table: pa.Table, metadata: dict | None = None, row_group_size: int = 256,
                    uncompressed_columns: Iterable[str] = ("codes",)) -> bytes:

@@ -5,7 +5,7 @@ rewriting old shards; readers and verify skip tombstoned rows, and compact drops
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +13,9 @@ import pyarrow.parquet as pq
 
 from storage.fs import IntegrityError, Store, sha256_bytes
 from storage.shards import encode_parquet
+
+if TYPE_CHECKING:  # manifest reads tombstones in verify: a type only, no import cycle
+    from storage.manifest import Manifest
 
 SCHEMA = pa.schema([pa.field("shard", pa.string(), nullable=False), pa.field("id", pa.int64(), nullable=False)])
 
@@ -35,6 +38,11 @@ def load(store: Store, entry: dict | None) -> dict[str, np.ndarray]:
     names = shards.dictionary.to_pylist()
     return {names[int(group[0])]: chunk for group, chunk in zip(np.split(codes, cuts), np.split(ids, cuts))
             if group.size}
+
+
+def of_version(store: Store, manifest: Manifest) -> dict[str, np.ndarray]:
+    """The rows a version no longer counts as live (empty when it has no tombstone file)."""
+    return load(store, manifest.artifacts.get("tombstones"))
 
 
 def write(store: Store, rel: str, dead: dict[str, Iterable[int]]) -> dict:

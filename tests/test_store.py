@@ -208,3 +208,104 @@ def test_commit_bytes_follow_the_change_not_the_store(tmp_path):
     written_v2 = v2.segments[1]["bytes"] + store.size(mf.version_path(2))
     assert written_v2 * 20 < written_v1, (written_v1, written_v2)  # 3 shards added to 3,200
     assert len(mf.load(store, 2).shards) == 3_203
+
+
+# ---------------------------------------------------------------- shard markers
+
+# What the sink writes for a split (keys in its order), and what ingest writes for a split that kept nothing.
+_SINK_MARKER = {"path": "runs/r/states/part-00003.parquet", "rows": 2, "bytes": 900, "sha256": "ab" * 32, "id_min": 5,
+                "id_max": 9, "kind": "states", "shard": 3,
+                "dpr": {"path": "runs/r/dpr/part-00003.parquet", "rows": 2, "bytes": 400, "sha256": "cd" * 32,
+                        "id_min": 5, "id_max": 9},
+                "passages_in": 3, "truncated": 1, "skipped_too_long": 1, "too_long_ids": [7], "tokens": 80,
+                "padded_tokens": 96, "encode_seconds": 0.25, "attention": "varlen", "raw_code_bytes": 1234,
+                "read": {"rows_read": 4, "accepted": 3, "skipped_empty": 1}, "digest": "f00d", "write_seconds": 0.5,
+                "finished_at": 1.7e9}
+_EMPTY_MARKER = {"kind": "states", "shard": 4, "path": None, "rows": 0, "bytes": 0, "sha256": None, "id_min": 0,
+                 "id_max": -1, "dpr": None, "truncated": 0, "skipped_too_long": 0, "tokens": 0, "padded_tokens": 0,
+                 "encode_seconds": 0.0, "raw_code_bytes": 0, "write_seconds": 0.0, "finished_at": 1.7e9,
+                 "read": {"rows_read": 2, "accepted": 0, "skipped_empty": 2}, "digest": "", "passages_in": 0,
+                 "read_seconds": 0.01}
+
+
+def test_shard_markers_round_trip_with_the_bytes_and_keys_written_before():
+    import json
+
+    from storage.shard_marker import ShardMarker, shard_entries
+
+    m = ShardMarker.from_dict(_SINK_MARKER)
+    assert m.to_json() == json.dumps(_SINK_MARKER).encode()  # byte for byte: old runs resume, new ones read alike
+    assert ShardMarker.from_dict(m.to_dict()) == m and m.rows == 2 and m.too_long_ids == (7,)
+    empty = ShardMarker.from_dict(_EMPTY_MARKER)
+    assert empty.to_dict() == _EMPTY_MARKER and empty.file is None and empty.path is None and empty.rows == 0
+    assert "too_long_ids" not in empty.to_dict() and "attention" not in empty.to_dict()
+    legacy = {k: v for k, v in _SINK_MARKER.items() if k not in ("too_long_ids", "read", "digest", "attention")}
+    old = ShardMarker.from_dict(legacy)  # written before the split plan (and the packed encoder)
+    assert old.too_long_ids is None and old.read is None and old.digest == "" and old.attention is None
+    assert shard_entries([m, empty]) == [
+        {k: _SINK_MARKER[k] for k in ("path", "kind", "rows", "bytes", "sha256", "id_min", "id_max")},
+        {**_SINK_MARKER["dpr"], "kind": "dpr"}]
+
+
+@pytest.mark.parametrize("bad, says", [
+    ([1, 2], "not a JSON object"),
+    ({**_SINK_MARKER, "kind": "dpr"}, "kind 'dpr'"),
+    ({k: v for k, v in _SINK_MARKER.items() if k != "tokens"}, "missing key 'tokens'"),
+    ({**_SINK_MARKER, "rows": "2"}, "rows is '2', not an integer"),
+    ({**_SINK_MARKER, "dpr": {"path": "x.parquet", "rows": 1}}, "DPR shard: path and sha256 must be strings"),
+    ({**_SINK_MARKER, "read": [1]}, "read is [1], not an object"),
+])
+def test_a_malformed_marker_is_one_clear_error(bad, says):
+    import re
+
+    from storage.errors import OperationFailed
+    from storage.shard_marker import MarkerError, ShardMarker
+
+    with pytest.raises(MarkerError, match=r"^runs/x\.done\.json: .*" + re.escape(says)) as exc:
+        ShardMarker.from_dict(bad, "runs/x.done.json")
+    assert isinstance(exc.value, OperationFailed)
+    with pytest.raises(MarkerError, match="not valid JSON"):
+        ShardMarker.from_json(b'{"kind": "sta', "runs/x.done.json")
+
+
+def test_resume_reads_only_intact_markers_and_never_loads_torch(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from storage.layout import marker_path, shard_of
+    from storage.shard_marker import ShardMarker, read_finished
+
+    store = Store(str(tmp_path / "s"))
+    good = ShardMarker.from_dict(_SINK_MARKER)
+    good.write(store, "runs/r")
+    store.write_bytes(marker_path("runs/r", 5), b'{"kind": "states", "sha')  # torn: the split is redone
+    store.write_bytes(marker_path("runs/r", 6), json.dumps({**_SINK_MARKER, "shard": 6}).encode())
+    paths = [marker_path("runs/r", k) for k in (3, 5, 6)]
+    sizes = {_SINK_MARKER["path"]: 900, _SINK_MARKER["dpr"]["path"]: 400}  # as listed (shard 6 names the same files)
+    assert [m.shard for m in read_finished(store.url, {}, paths, sizes)] == [3, 6]
+    assert read_finished(store.url, {}, paths[:1], {**sizes, _SINK_MARKER["path"]: 899}) == []  # a torn shard
+    assert shard_of(paths[0]) == 3
+    probe = "import sys, storage.shard_marker, storage.layout, pipeline.flows.commit; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"
+
+
+def test_commit_version_writes_tombstones_and_skips_a_version_that_is_already_newest(tmp_path):
+    from pipeline.flows.commit import Draft, commit_version, newest
+    from storage import tombstones
+
+    store = Store(str(tmp_path / "s"))
+    assert newest(store) is None
+    shards = [_shard(store, "runs/r/states/part-00000.parquet", [1, 2, 3])]
+    draft = Draft(run_id="r", fingerprint={"m": 1}, shards=shards, counts={"written": 2}, extra={"e": 1},
+                  dead={shards[0]["path"]: {2}}, run_dir="runs/r")
+    first = commit_version(store, draft)
+    assert first.committed and first.manifest.version == 1 and first.manifest.parent is None
+    assert tombstones.of_version(store, first.manifest)[shards[0]["path"]].tolist() == [2]
+    again = commit_version(store, Draft(**{**draft.__dict__, "parent": newest(store)}))
+    assert not again.committed and again.manifest.version == 1 and mf.list_versions(store) == [1]
+    derived = Draft.on_top_of(again.manifest, "compact-x", {"compacted_from": 1}, counts={"written": 3})
+    second = commit_version(store, derived)
+    assert second.manifest.version == 2 and second.manifest.extra == {"e": 1, "compacted_from": 1}
+    assert second.manifest.artifacts == first.manifest.artifacts and second.manifest.shards == shards

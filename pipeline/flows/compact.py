@@ -15,8 +15,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import digest
-from pipeline.flows.update import load_tombstones
+from pipeline.flows.commit import Draft, commit_version
 from storage import manifest as mf
+from storage import tombstones
 from storage.fs import Store
 from storage.shards import read_metadata, write_shard
 
@@ -75,7 +76,7 @@ def compact(store: Store, shard_size: int = 10_000, row_group_size: int = 128) -
     if shard_size < 1:
         raise ValueError("shard_size must be positive")
     parent = mf.load(store)
-    dead = load_tombstones(store, parent)
+    dead = tombstones.of_version(store, parent)
     run_dir = f"runs/compact-{digest({'parent': parent.version, 'run': parent.run_id, 'size': shard_size})}"
     init_ray(None)
     task = ray.remote(num_cpus=0.5)(_rewrite_task)
@@ -108,9 +109,9 @@ def compact(store: Store, shard_size: int = 10_000, row_group_size: int = 128) -
     index = parent.artifacts.get("dpr_index")
     if index is not None and ("delta" in index or "removed" in index):
         artifacts["dpr_index"] = _fold_index(store, index, run_dir, [s for s in shards if s["kind"] == "dpr"])
-    extra = {**parent.extra, "compacted_from": parent.version}
-    return mf.commit(store, parent.version, run_id=run_dir.removeprefix("runs/"), fingerprint=parent.fingerprint,
-                     shards=shards, artifacts=artifacts, counts=parent.counts, extra=extra, parent_manifest=parent)
+    draft = Draft.on_top_of(parent, run_dir.removeprefix("runs/"), {"compacted_from": parent.version},
+                            shards=shards, artifacts=artifacts)
+    return commit_version(store, draft).manifest
 
 
 def _fold_index(store: Store, entry: dict, run_dir: str, dpr_shards: list[dict]) -> dict:

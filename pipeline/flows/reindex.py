@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from pipeline.index import faiss_file as fx
 from pipeline.config import ConfigError, digest
+from pipeline.flows.commit import Draft, commit_version
 from pipeline.index.plan import factory_bytes_per_vector
 from pipeline.flows.job_cost import JobPlan
 from storage import manifest as mf
@@ -63,7 +64,7 @@ def _parent(store: Store) -> tuple[mf.Manifest, list[dict], dict[str, set[int]]]
     if not dpr:
         raise ConfigError(f"version {parent.version} of {store.display_url} has no DPR embeddings; encode with a "
                           f"`dpr:` section (or --dpr-model) to get them")
-    return parent, dpr, tombstones.load(store, parent.artifacts.get("tombstones"))
+    return parent, dpr, tombstones.of_version(store, parent)
 
 
 def _embedding_dim(store: Store, shard: dict) -> int:
@@ -107,10 +108,9 @@ def reindex(cfg: ReindexConfig) -> ReindexSummary:
     spec = IndexSpec(cfg.store, cfg.storage_options or {}, cfg.factory, cfg.train_sample, cfg.nprobe, cfg.task_cpus)
     run_id = digest({"parent": parent.version, "factory": cfg.factory, "train_sample": cfg.train_sample})
     entry = build_index_from(spec, store, f"runs/index-{run_id}", dpr, dead)
-    manifest = mf.commit(store, parent.version, run_id=f"index-{run_id}", fingerprint=parent.fingerprint,
-                         shards=list(parent.shards), artifacts={**parent.artifacts, "dpr_index": entry},
-                         counts=parent.counts, extra={**parent.extra, "reindex_of": parent.version},
-                         parent_manifest=parent)
+    draft = Draft.on_top_of(parent, f"index-{run_id}", {"reindex_of": parent.version},
+                            artifacts={**parent.artifacts, "dpr_index": entry})
+    manifest = commit_version(store, draft).manifest
     return ReindexSummary(store=store.display_url, version=manifest.version, parent=parent.version,
                           factory=cfg.factory, ntotal=entry["ntotal"],
                           bytes=sum(f["bytes"] for f in mf.artifact_files(entry)),

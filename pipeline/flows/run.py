@@ -22,21 +22,23 @@ from pipeline.codec.state_codec import codec_from_bytes
 from pipeline.config import ModelConfig, RunConfig, digest, fingerprint
 from pipeline.corpus.rows import CorpusCounts, CorpusError
 from pipeline.corpus.source import Corpus, CorpusPlan
-from pipeline.corpus.duplicates import find_duplicates
+from pipeline.corpus.duplicates import Duplicates, find_duplicates
 from pipeline.workers.dataflow import cluster_gpus, encode_splits, init_ray
 from pipeline.model.encoder import model_revision, pick_device
 from pipeline.codec.fitting import fit_codec
 from pipeline.corpus.fit_sample import fit_sample_task, merge_fit_samples
 from pipeline.index.build import build_index
+from pipeline.flows.commit import Draft, Totals, commit_version, newest
 from pipeline.flows.preflight import check_compressor, preflight_run
-from pipeline.workers.sink import finished_markers, shard_entries
+from pipeline.workers.sink import finished_markers
 from pipeline.corpus.splits import sample_splits
-from pipeline.workers.steps import EncodeStage, StageContext, load_codec, shard_of
+from pipeline.workers.steps import EncodeStage, StageContext, load_codec
 from pipeline.model.tokenizer import model_max_length
 from storage import manifest as mf
-from storage import tombstones
 from storage.errors import find_cause
 from storage.fs import AccessRefused, Store, read_url, redact_url, sha256_bytes
+from storage.layout import shard_of
+from storage.shard_marker import ShardMarker, shard_entries
 from storage.shards import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -309,14 +311,14 @@ class _Commit:
     plan: CorpusPlan
     ctx: StageContext
     run_id: str
-    resumed: dict[int, dict]
+    resumed: dict[int, ShardMarker]
     compressor: tuple[str, str, int]
     t_start: float
 
-    def __call__(self, new_markers: list[dict]) -> RunSummary:
+    def __call__(self, new_markers: list[ShardMarker]) -> RunSummary:
         cfg, store, ctx = self.cfg, self.store, self.ctx
         markers = dict(self.resumed)
-        markers.update({int(m["shard"]): m for m in new_markers})
+        markers.update({m.shard: m for m in new_markers})
         n = len(self.plan.splits)
         missing = [k for k in range(n) if k not in markers]
         if missing:  # splits that kept no passage wrote their marker while being read
@@ -328,81 +330,70 @@ class _Commit:
         ordered = [markers[k] for k in range(n)]
         log.info("phase: dedupe")
         dup = find_duplicates(cfg.store, cfg.storage_options,
-                              [(m["shard"], m["path"], m.get("too_long_ids") or []) for m in ordered
-                               if m["path"] or m.get("too_long_ids")], cfg.execution.task_cpus)
+                              [(m.shard, m.path, list(m.too_long_ids or ())) for m in ordered
+                               if m.path or m.too_long_ids], cfg.execution.task_cpus)
         if dup.count and cfg.corpus.on_duplicate == "error":
             raise CorpusError(f"{corpus_label(cfg)}: "
                               f"{dup.count} duplicate passage id(s) across parts of the corpus, e.g. {dup.examples}; "
                               f"ids must be unique (or pass --on-duplicate keep-first). Nothing was committed; "
                               f"a rerun reuses the encoded shards")
         log.info("phase: commit")
-        return _commit(cfg, store, self.plan, ctx, self.run_id, ordered, dup, self.compressor, self.t_start,
-                       len(self.resumed), sum(m["passages_in"] for m in new_markers))
+        return self._commit(ordered, dup, sum(m.passages_in for m in new_markers))
+
+    def _commit(self, ordered: list[ShardMarker], dup: Duplicates, encoded_now: int) -> RunSummary:
+        cfg, store, ctx = self.cfg, self.store, self.ctx
+        comp_rel, comp_sha, comp_bytes = self.compressor
+        shards = shard_entries(ordered)
+        read = _read_counts(ordered)
+        read["skipped_duplicate"] += dup.dropped
+        read["accepted"] -= dup.dropped
+        if read["accepted"] <= 0:
+            raise CorpusError(f"{corpus_label(cfg)}: no usable passages ({read})")
+        by_shard = {m.shard: m for m in ordered}
+        # A later copy that was also too long was never stored: it counts as a duplicate, not as too long.
+        unstored_losers = sum(int(np.isin(ids, list(by_shard[k].too_long_ids or ())).sum())
+                              for k, ids in dup.losers.items())
+        total = Totals.of(ordered)
+        too_long = total.skipped_too_long - unstored_losers
+        written = total.rows - (dup.dropped - unstored_losers)
+        if written != read["accepted"] - too_long:
+            raise RuntimeError(f"shards hold {written} passages, expected {read['accepted'] - too_long}; "
+                               f"not committing")
+        skipped = {k.removeprefix("skipped_"): v for k, v in read.items() if k.startswith("skipped_")}
+        skipped["too_long"] = too_long
+        counts = {"passages_in": read["rows_read"], "accepted": read["accepted"], "written": written,
+                  "skipped": skipped, "truncated": total.truncated, "tokens": total.tokens,
+                  "raw_code_bytes": total.raw_code_bytes}
+        artifacts = {"compressor": {"path": comp_rel, "sha256": comp_sha, "bytes": comp_bytes}}
+        dead: dict[str, set[int]] = {}
+        for split, ids in dup.losers.items():  # keep-first: a later split's copy of an id is tombstoned
+            for f in by_shard[split].files():
+                dead[f.path] = set(ids.tolist())
+        if cfg.dpr is not None:
+            log.info("phase: index")
+            artifacts["dpr_index"] = build_index(cfg, store, ctx.run_dir, [s for s in shards if s["kind"] == "dpr"],
+                                                 dead)
+        h = hashlib.sha256()
+        for m in ordered:
+            h.update(str(m.digest).encode())
+        extra = {"config": cfg.public_dict(), "corpus_digest": h.hexdigest()[:32], "plan_digest": self.plan.digest,
+                 "timing": total.timing()}
+        if cfg.dpr is not None:
+            extra["dpr"] = ctx.fingerprint["dpr"]
+        done = commit_version(store, Draft(run_id=self.run_id, fingerprint=ctx.fingerprint, shards=shards,
+                                           counts=counts, extra=extra, artifacts=artifacts, dead=dead,
+                                           run_dir=ctx.run_dir, parent=newest(store)))
+        if not done.committed:
+            log.info("version %d already holds this exact run; nothing new to commit", done.manifest.version)
+        size = mf.sizes(done.manifest)
+        return RunSummary(
+            store=store.display_url, version=done.manifest.version, run_id=self.run_id, committed=done.committed,
+            passages_in=read["rows_read"], written=written, skipped=skipped, truncated=counts["truncated"],
+            tokens=counts["tokens"], bytes=size.total, shards=size.states_shards, sizes=size.to_dict(),
+            shards_resumed=len(self.resumed), passages_encoded_this_run=encoded_now,
+            wall_seconds=time.perf_counter() - self.t_start, encode_seconds=total.encode_seconds)
 
 
-def _read_counts(ordered: list[dict]) -> dict[str, int]:
+def _read_counts(ordered: list[ShardMarker]) -> dict[str, int]:
     keys = [f.name for f in dataclasses.fields(CorpusCounts)]
-    return {k: int(sum((m.get("read") or {}).get(k, 0) for m in ordered)) for k in keys}
-
-
-def _commit(cfg, store, plan, ctx, run_id, ordered, dup, compressor, t_start, resumed, encoded_now) -> RunSummary:
-    comp_rel, comp_sha, comp_bytes = compressor
-    shards = shard_entries(ordered)
-    read = _read_counts(ordered)
-    read["skipped_duplicate"] += dup.dropped
-    read["accepted"] -= dup.dropped
-    if read["accepted"] <= 0:
-        raise CorpusError(f"{corpus_label(cfg)}: no usable passages ({read})")
-    by_shard = {m["shard"]: m for m in ordered}
-    # A later copy that was also too long was never stored: it counts as a duplicate, not as too long.
-    unstored_losers = sum(int(np.isin(ids, by_shard[k].get("too_long_ids") or []).sum())
-                          for k, ids in dup.losers.items())
-    too_long = sum(m["skipped_too_long"] for m in ordered) - unstored_losers
-    written = sum(m["rows"] for m in ordered) - (dup.dropped - unstored_losers)
-    if written != read["accepted"] - too_long:
-        raise RuntimeError(f"shards hold {written} passages, expected {read['accepted'] - too_long}; not committing")
-    skipped = {k.removeprefix("skipped_"): v for k, v in read.items() if k.startswith("skipped_")}
-    skipped["too_long"] = too_long
-    counts = {"passages_in": read["rows_read"], "accepted": read["accepted"], "written": written,
-              "skipped": skipped, "truncated": sum(m["truncated"] for m in ordered),
-              "tokens": sum(m["tokens"] for m in ordered), "raw_code_bytes": sum(m["raw_code_bytes"] for m in ordered)}
-    artifacts = {"compressor": {"path": comp_rel, "sha256": comp_sha, "bytes": comp_bytes}}
-    dead: dict[str, set[int]] = {}
-    for split, ids in dup.losers.items():  # keep-first: a later split's copy of an id is tombstoned
-        m = by_shard[split]
-        for entry in (m, m.get("dpr")):
-            if entry and entry.get("path"):
-                dead[entry["path"]] = set(ids.tolist())
-    if dead:
-        artifacts["tombstones"] = tombstones.write(store, f"{ctx.run_dir}/tombstones.parquet", dead)
-    if cfg.dpr is not None:
-        log.info("phase: index")
-        artifacts["dpr_index"] = build_index(cfg, store, ctx.run_dir, [s for s in shards if s["kind"] == "dpr"],
-                                             dead)
-    h = hashlib.sha256()
-    for m in ordered:
-        h.update(str(m.get("digest", "")).encode())
-    corpus_digest = h.hexdigest()[:32]
-    # Timing is kept apart from counts: counts are content and must match across reruns.
-    extra = {"config": cfg.public_dict(), "corpus_digest": corpus_digest, "plan_digest": plan.digest,
-             "timing": {"encode_seconds": sum(m["encode_seconds"] for m in ordered), "tokens": counts["tokens"]}}
-    if cfg.dpr is not None:
-        extra["dpr"] = ctx.fingerprint["dpr"]
-    latest = mf.latest_version(store)
-    committed = True
-    prev = mf.load(store, latest) if latest is not None else None
-    if prev is not None and prev.run_id == run_id and prev.shards == shards:
-        manifest = prev
-        committed = False
-        log.info("version %d already holds this exact run; nothing new to commit", latest)
-    else:
-        manifest = mf.commit(store, latest, run_id=run_id, fingerprint=ctx.fingerprint, shards=shards,
-                             artifacts=artifacts, counts=counts, extra=extra, parent_manifest=prev)
-    size = mf.sizes(manifest)
-    return RunSummary(
-        store=store.display_url, version=manifest.version, run_id=run_id, committed=committed,
-        passages_in=read["rows_read"], written=written, skipped=skipped, truncated=counts["truncated"],
-        tokens=counts["tokens"], bytes=size.total, shards=size.states_shards, sizes=size.to_dict(),
-        shards_resumed=resumed, passages_encoded_this_run=encoded_now,
-        wall_seconds=time.perf_counter() - t_start,
-        encode_seconds=sum(m["encode_seconds"] for m in ordered))
+    return {k: int(sum((m.read or {}).get(k, 0) for m in ordered)) for k in keys}

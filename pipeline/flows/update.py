@@ -17,9 +17,9 @@ from pipeline.corpus.source import Corpus
 from pipeline.workers.update_scan import (CorpusIds, SplitDiff, assemble_slices, diff_corpus, hash_array, in_sorted,
                                   parent_rows, plan_slices, superseded)
 from storage import manifest as mf
+from storage import tombstones
 from storage.errors import OperationFailed
 from storage.fs import Store
-from storage import tombstones
 
 
 @dataclass
@@ -61,14 +61,6 @@ log = logging.getLogger(__name__)
 
 class FingerprintMismatch(OperationFailed, RuntimeError):
     """The update's model/compressor/quantisation differs from the version it would extend."""
-
-
-def load_tombstones(store: Store, manifest: mf.Manifest) -> dict[str, np.ndarray]:
-    return tombstones.load(store, manifest.artifacts.get("tombstones"))
-
-
-def write_tombstones(store: Store, rel: str, dead: dict[str, np.ndarray]) -> dict:
-    return tombstones.write(store, rel, dead)
 
 
 def _comparable(fp: dict) -> dict:
@@ -122,7 +114,7 @@ def plan_update(store: Store, corpus: Corpus, execution,
     manifest = mf.load(store)
     init_ray(execution.ray_address)
     t0 = time.perf_counter()
-    old_ids, old_hashes = parent_rows(store, manifest.shards_of("states"), load_tombstones(store, manifest),
+    old_ids, old_hashes = parent_rows(store, manifest.shards_of("states"), tombstones.of_version(store, manifest),
                                       execution.task_cpus)
     scan, parts = diff_corpus(corpus, execution.shard_size, old_ids, old_hashes, store if stage_dir else None,
                               stage_dir, execution.row_group_size, execution.task_cpus)
@@ -166,9 +158,11 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
     import dataclasses
 
     from pipeline.flows import run as runner
+    from pipeline.flows.commit import Draft, Totals, commit_version
     from pipeline.workers.dataflow import encode_splits
     from pipeline.flows.preflight import check_states
-    from pipeline.workers.sink import finished_markers, shard_entries
+    from pipeline.workers.sink import finished_markers
+    from storage.shard_marker import shard_entries
 
     t0 = time.perf_counter()
     check_states(cfg.model, cfg.execution.attention)  # before Ray starts: a model computed wrongly is refused
@@ -205,7 +199,7 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
         assemble_slices(store, parts, scan.drop, ctx.run_dir, slices, pending, cfg.execution.row_group_size,
                         cfg.execution.task_cpus)
         done, _ = encode_splits(ctx, [{"index": k} for k in pending], encode_stage)
-        markers.update({int(m["shard"]): m for m in done})
+        markers.update({m.shard: m for m in done})
         missing = [k for k in pending if k not in markers]
         if missing:
             raise RuntimeError(f"delta shards {missing[:10]} produced no output; rerun to retry them")
@@ -213,34 +207,32 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
     delta_shards = shard_entries(ordered)
 
     # tombstones: the old rows of changed and deleted ids, in the shards that hold them
-    dead = load_tombstones(store, parent)
+    dead = tombstones.of_version(store, parent)
     for path, ids in superseded(store, parent.shards, dead, d.to_remove, cfg.execution.task_cpus).items():
         dead[path] = np.union1d(dead.get(path, np.empty(0, np.int64)), ids)
     artifacts = {"compressor": comp}
-    if dead:
-        artifacts["tombstones"] = write_tombstones(store, f"{ctx.run_dir}/tombstones.parquet", dead)
     shards = list(parent.shards) + delta_shards
-    too_long = sum(m["skipped_too_long"] for m in ordered)
-    live = d.unchanged.size + n_delta - too_long
+    total = Totals.of(ordered)
+    live = d.unchanged.size + n_delta - total.skipped_too_long
     index_action = "none"
     if "dpr_index" in parent.artifacts:
         artifacts["dpr_index"], index_action = _update_index(cfg, store, ctx.run_dir, parent, d,
                                                              [s for s in delta_shards if s["kind"] == "dpr"],
                                                              shards, dead, rebuild_fraction)
     counts = {"passages_in": scan.counts.rows_read, "accepted": scan.counts.accepted, "written": int(live),
-              "tokens": parent.counts.get("tokens", 0) + sum(m["tokens"] for m in ordered),
-              "raw_code_bytes": parent.counts.get("raw_code_bytes", 0) + sum(m["raw_code_bytes"] for m in ordered),
+              "tokens": parent.counts.get("tokens", 0) + total.tokens,
+              "raw_code_bytes": parent.counts.get("raw_code_bytes", 0) + total.raw_code_bytes,
               "skipped": {k.removeprefix("skipped_"): v for k, v in scan.counts.to_dict().items()
-                          if k.startswith("skipped_")} | {"too_long": too_long},
+                          if k.startswith("skipped_")} | {"too_long": total.skipped_too_long},
               "update": d.counts(), "encoded_this_version": n_delta}
-    extra = {**parent.extra, "corpus_digest": scan.digest, "update_of": parent.version}
+    note = {"corpus_digest": scan.digest, "update_of": parent.version}
     if ordered:
-        extra["timing"] = {"encode_seconds": sum(m["encode_seconds"] for m in ordered),
-                           "tokens": sum(m["tokens"] for m in ordered)}
-    manifest = mf.commit(store, parent.version, run_id=f"update-{run_id}", fingerprint=parent.fingerprint,
-                         shards=shards, artifacts=artifacts, counts=counts, extra=extra, parent_manifest=parent)
+        note["timing"] = total.timing()
+    manifest = commit_version(store, Draft.on_top_of(parent, f"update-{run_id}", note, shards=shards,
+                                                     artifacts=artifacts, counts=counts, dead=dead,
+                                                     run_dir=ctx.run_dir)).manifest
     return UpdateSummary(store=store.display_url, version=manifest.version, parent=parent.version, counts=d.counts(),
-                         passages_encoded_this_run=sum(markers[k]["passages_in"] for k in pending),
+                         passages_encoded_this_run=sum(markers[k].passages_in for k in pending),
                          shards_resumed=n_shards - len(pending), index_action=index_action,
                          wall_seconds=time.perf_counter() - t0)
 

@@ -46,7 +46,7 @@ class Searcher:
         if self.encoder.dim != entry["dim"]:
             raise ValueError(f"question encoder gives {self.encoder.dim} dims, index holds {entry['dim']}")
         self._dpr_shards = self.manifest.shards_of("dpr")
-        self._dead = tombstones.load(store, self.manifest.artifacts.get("tombstones"))
+        self._dead = tombstones.of_version(store, self.manifest)
         self._reader: StateReader | None = None
 
     def titles(self, ids: list[int]) -> dict[int, str]:

@@ -63,7 +63,7 @@ class StateReader:
         self.packer = Packer(int(fp.get("zstd_level", 3)))
         self._checked: set[str] = set()
         self._shards = self.manifest.shards_of("states")
-        self._dead = tombstones.load(store, self.manifest.artifacts.get("tombstones"))
+        self._dead = tombstones.of_version(store, self.manifest)
         self._lo = np.array([s["id_min"] for s in self._shards], dtype=np.int64)
         self._hi = np.array([s["id_max"] for s in self._shards], dtype=np.int64)
         self._by_lo = np.argsort(self._lo, kind="stable")

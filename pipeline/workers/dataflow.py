@@ -15,6 +15,7 @@ from pipeline.workers.sink import ShardSink
 from pipeline.workers.steps import EncodeStage, StageContext
 from storage.errors import find_cause
 from storage.fs import AccessRefused
+from storage.shard_marker import ShardMarker
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def cluster_gpus() -> int:
 
 
 def encode_splits(ctx: StageContext, splits: list[dict], encode_stage: type | None = None,
-                  on_complete: Callable[[list[dict]], Any] | None = None) -> tuple[list[dict], Any]:
+                  on_complete: Callable[[list[ShardMarker]], Any] | None = None) -> tuple[list[ShardMarker], Any]:
     """Encode `splits` and write their shards; returns (the markers written now, on_complete's result)."""
     import ray
 

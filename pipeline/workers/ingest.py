@@ -16,7 +16,9 @@ import pyarrow as pa
 from pipeline.corpus.rows import CorpusCounts
 from pipeline.corpus.source import Corpus
 from pipeline.corpus.splits import Split
-from pipeline.workers.steps import StageContext, TokenizeStage, input_path, marker_path, meta_column
+from pipeline.workers.steps import StageContext, TokenizeStage, meta_column
+from storage.layout import input_path
+from storage.shard_marker import ShardMarker
 from storage.shards import read_rows
 
 
@@ -57,8 +59,7 @@ class PrepareStage:
         return self.tokenize(table)
 
     def _finish_empty(self, shard: int, meta: dict) -> None:
-        marker = {"kind": "states", "shard": shard, "path": None, "rows": 0, "bytes": 0, "sha256": None,
-                  "id_min": 0, "id_max": -1, "dpr": None, "truncated": 0, "skipped_too_long": 0, "tokens": 0,
-                  "padded_tokens": 0, "encode_seconds": 0.0, "raw_code_bytes": 0, "write_seconds": 0.0,
-                  "finished_at": time.time(), **meta}
-        self.store.write_bytes(marker_path(self.ctx.run_dir, shard), json.dumps(marker).encode())
+        ShardMarker(shard=shard, file=None, passages_in=meta["passages_in"], truncated=0, skipped_too_long=0,
+                    tokens=0, padded_tokens=0, encode_seconds=0.0, raw_code_bytes=0, write_seconds=0.0,
+                    finished_at=time.time(), read=meta["read"], digest=meta["digest"],
+                    read_seconds=meta["read_seconds"]).write(self.store, self.ctx.run_dir)

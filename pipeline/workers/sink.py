@@ -8,7 +8,6 @@ split (datatrove's completion markers).
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any, Callable, Iterable
@@ -19,24 +18,23 @@ import pyarrow.compute as pc
 from ray.data.datasource import Datasink
 
 from pipeline.codec.zstd_frames import Packer
-from pipeline.workers.steps import (StageContext, dpr_path, dpr_schema, marker_path, shard_metadata, shard_of,
-                             split_meta, state_path)
+from pipeline.workers.steps import StageContext, dpr_schema, shard_metadata, split_meta
 from storage.fs import Store
+from storage.layout import dpr_path, marker_path, shard_of, state_path
+from storage.shard_marker import ShardMarker, read_finished
 from storage.shards import state_schema, write_shard
 
 log = logging.getLogger(__name__)
-
-MARKER_KEYS = ("path", "kind", "rows", "bytes", "sha256", "id_min", "id_max")
 
 
 class ShardSink(Datasink):
     """Writes one state shard (and DPR shard) per split; commits once through `on_complete`."""
 
-    def __init__(self, ctx: StageContext, on_complete: Callable[[list[dict]], Any] | None = None):
+    def __init__(self, ctx: StageContext, on_complete: Callable[[list[ShardMarker]], Any] | None = None):
         self.ctx = ctx
         self._on_complete = on_complete
         self.result: Any = None
-        self.markers: list[dict] = []
+        self.markers: list[ShardMarker] = []
 
     def __getstate__(self):  # the commit callback lives on the driver; write tasks never need it
         state = dict(self.__dict__)
@@ -46,7 +44,7 @@ class ShardSink(Datasink):
     def get_name(self) -> str:
         return "ShardSink"
 
-    def write(self, blocks: Iterable[pa.Table], ctx) -> list[dict]:
+    def write(self, blocks: Iterable[pa.Table], ctx) -> list[ShardMarker]:
         store = self.ctx.store()
         packer = Packer(self.ctx.compression.zstd_level)
         out = []
@@ -59,7 +57,7 @@ class ShardSink(Datasink):
                 out.append(self._write_split(store, packer, int(k), part))
         return out
 
-    def _write_split(self, store: Store, packer: Packer, shard: int, table: pa.Table) -> dict:
+    def _write_split(self, store: Store, packer: Packer, shard: int, table: pa.Table) -> ShardMarker:
         meta = split_meta(table)
         if table.num_rows != meta["passages_in"]:
             raise RuntimeError(f"split {shard} reached the writer with {table.num_rows} of its "
@@ -81,16 +79,13 @@ class ShardSink(Datasink):
         dpr_file = None
         if "dpr_embedding" in table.column_names:
             dpr_file = self._write_dpr(store, shard, table, meta["dpr_dim"])
-        marker = {**shard_file.to_dict(), "kind": "states", "shard": shard,
-                  "dpr": dpr_file.to_dict() if dpr_file else None,
-                  "passages_in": meta["passages_in"], "truncated": meta["truncated"],
-                  "skipped_too_long": meta["skipped_too_long"], "too_long_ids": too_long_ids, "tokens": meta["tokens"],
-                  "padded_tokens": meta["padded_tokens"], "encode_seconds": meta["encode_seconds"],
-                  "attention": meta.get("attention"),
-                  "raw_code_bytes": int(sum(len(r) for r in raw)), "read": meta.get("read"),
-                  "digest": meta.get("digest", ""), "write_seconds": time.perf_counter() - t0,
-                  "finished_at": time.time()}
-        store.write_bytes(marker_path(self.ctx.run_dir, shard), json.dumps(marker).encode())
+        marker = ShardMarker(
+            shard=shard, file=shard_file, dpr=dpr_file, passages_in=meta["passages_in"], truncated=meta["truncated"],
+            skipped_too_long=meta["skipped_too_long"], too_long_ids=tuple(too_long_ids), tokens=meta["tokens"],
+            padded_tokens=meta["padded_tokens"], encode_seconds=meta["encode_seconds"],
+            attention=meta.get("attention"), raw_code_bytes=int(sum(len(r) for r in raw)), read=meta.get("read"),
+            digest=meta.get("digest", ""), write_seconds=time.perf_counter() - t0, finished_at=time.time())
+        marker.write(store, self.ctx.run_dir)
         return marker
 
     def _write_dpr(self, store: Store, shard: int, table: pa.Table, dim: int):
@@ -107,42 +102,10 @@ class ShardSink(Datasink):
             self.result = self._on_complete(self.markers)
 
 
-def shard_entries(ordered: list[dict]) -> list[dict]:
-    """Manifest entries for the markers, states then DPR; a split that kept nothing has no file."""
-    shards = [{k: m[k] for k in MARKER_KEYS} for m in ordered if m.get("path")]
-    shards += [{**{k: m["dpr"][k] for k in MARKER_KEYS if k != "kind"}, "kind": "dpr"}
-               for m in ordered if m.get("dpr")]
-    return shards
-
-
 # ---------------------------------------------------------------- resume
 
-def _marker_ok(marker: dict, sizes: dict[str, int]) -> bool:
-    """A size check against the listing is enough to reuse a shard; `verify` does the sha256."""
-    for entry in (marker, marker.get("dpr")):
-        if entry is None or entry.get("path") is None:
-            continue
-        if sizes.get(entry["path"]) != entry["bytes"]:
-            return False
-    return True
-
-
-def read_markers_task(store_url: str, storage_options: dict, paths: list[str], sizes: dict[str, int]) -> list[dict]:
-    """Markers of a group of splits whose files the listing shows with their recorded sizes."""
-    store = Store(store_url, storage_options)
-    out = []
-    for p in paths:
-        try:
-            marker = json.loads(store.read_bytes(p))
-        except (FileNotFoundError, ValueError, UnicodeDecodeError):
-            continue  # torn or foreign marker: redo the split
-        if isinstance(marker, dict) and _marker_ok(marker, sizes):
-            out.append(marker)
-    return out
-
-
 def finished_markers(store: Store, storage_options: dict, run_dir: str, n_splits: int, task_cpus: float,
-                     only: list[int] | None = None, group: int = 256) -> dict[int, dict]:
+                     only: list[int] | None = None, group: int = 256) -> dict[int, ShardMarker]:
     """One listing of the run directory finds the finished splits; Ray tasks read their markers."""
     import ray
 
@@ -151,7 +114,7 @@ def finished_markers(store: Store, storage_options: dict, run_dir: str, n_splits
     wanted = [marker_path(run_dir, k) for k in splits if marker_path(run_dir, k) in listing]
     if not wanted:
         return {}
-    task = ray.remote(num_cpus=task_cpus)(read_markers_task)
+    task = ray.remote(num_cpus=task_cpus)(read_finished)
     refs = []
     for i in range(0, len(wanted), group):
         paths = wanted[i:i + group]
@@ -159,8 +122,8 @@ def finished_markers(store: Store, storage_options: dict, run_dir: str, n_splits
         sizes = {p: s for k in ks for p in (state_path(run_dir, k), dpr_path(run_dir, k)) if (s := listing.get(p))
                  is not None}
         refs.append(task.remote(store.url, storage_options, paths, sizes))
-    done: dict[int, dict] = {}
+    done: dict[int, ShardMarker] = {}
     for part in ray.get(refs):
         for m in part:
-            done[int(m["shard"])] = m
+            done[m.shard] = m
     return done

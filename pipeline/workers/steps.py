@@ -26,32 +26,12 @@ from pipeline.model.tokenizer import PairTokenizer
 from storage.fs import Store
 from storage.shards import SCHEMA_VERSION
 
-def input_path(run_dir: str, shard: int) -> str:
-    return f"{run_dir}/input/part-{shard:05d}.parquet"
-
-
-def state_path(run_dir: str, shard: int) -> str:
-    return f"{run_dir}/states/part-{shard:05d}.parquet"
-
-
-def dpr_path(run_dir: str, shard: int) -> str:
-    return f"{run_dir}/dpr/part-{shard:05d}.parquet"
-
 
 def dpr_schema(dim: int, dtype: str) -> pa.Schema:
     """DPR embedding shard: plain Arrow FixedSizeList vectors (no Ray tensor extension types)."""
     value = pa.float16() if dtype == "float16" else pa.float32()
     return pa.schema([pa.field("id", pa.int64(), nullable=False), pa.field("title", pa.string()),
                       pa.field("embedding", pa.list_(value, dim), nullable=False)])
-
-
-def marker_path(run_dir: str, shard: int) -> str:
-    return f"{run_dir}/states/part-{shard:05d}.done.json"
-
-
-def shard_of(path: str) -> int:
-    """The shard index in a `part-NNNNN.*` path (a shard file or its marker)."""
-    return int(path.rsplit("part-", 1)[1].split(".")[0])
 
 
 def split_meta(table: pa.Table) -> dict[str, Any]:

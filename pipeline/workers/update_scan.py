@@ -21,6 +21,7 @@ from pipeline.corpus.rows import CorpusCounts, CorpusError
 from pipeline.corpus.source import Corpus, CorpusPlan
 from pipeline.corpus.splits import Split
 from storage.fs import Store
+from storage.layout import input_path
 from storage.shards import read_rows, write_shard
 
 log = logging.getLogger(__name__)
@@ -240,8 +241,6 @@ def assemble_slices(store: Store, parts: list[SplitDiff], drop: dict[int, np.nda
                     slices: list[list[int]], todo: list[int], row_group_size: int, task_cpus: float = 0.5) -> int:
     """Write input slices `todo` from the staged splits, in Ray tasks; returns the rows staged."""
     import ray
-
-    from pipeline.workers.steps import input_path
 
     none = np.empty(0, np.int64)
     task = ray.remote(num_cpus=task_cpus)(_assemble_task)
