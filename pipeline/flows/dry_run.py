@@ -1,5 +1,7 @@
 """Gather the facts a dry-run plan needs (corpus scan, a tokenised sample, model geometry), then plan.
 
+Each model's config is read once (`pipeline.model.spec`).
+
 Nothing here starts Ray or writes to the store.
 """
 from __future__ import annotations
@@ -7,13 +9,13 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from transformers import AutoConfig
 
 from pipeline.flows import job_cost as jobplan
-from pipeline.config import CompressionConfig, ModelConfig, RunConfig, resolve_model
+from pipeline.config import CompressionConfig, ModelConfig, RunConfig
 from pipeline.corpus.source import Corpus, CorpusScan
 from pipeline.corpus.splits import auto_rows_per_split
-from pipeline.model.tokenizer import PairTokenizer, Tokenized, model_max_length
+from pipeline.model.spec import Checkpoint, ModelSpec, read_checkpoint, resolve_main
+from pipeline.model.tokenizer import PairTokenizer, Tokenized
 from storage.estimate import Assumptions, estimate
 
 log = logging.getLogger(__name__)
@@ -21,13 +23,12 @@ log = logging.getLogger(__name__)
 SAMPLE_PASSAGES = 2000
 
 
-def model_geometry(name: str, revision: str | None = None, layers: int | None = None) -> jobplan.ModelGeometry:
-    cfg = AutoConfig.from_pretrained(resolve_model(name), revision=revision)
-    return jobplan.ModelGeometry(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
-                                 layers=layers or cfg.num_hidden_layers)
+def cost_geometry(ck: Checkpoint, layers: int | None = None) -> jobplan.ModelGeometry:
+    """The geometry the job-cost model prices: `layers` of the checkpoint (all of them by default)."""
+    return jobplan.ModelGeometry(hidden=ck.hidden, intermediate=ck.intermediate, layers=layers or ck.depth)
 
 
-def tokenized_sample(corpus: Corpus, scan: CorpusScan, model: ModelConfig, sample: int = SAMPLE_PASSAGES) -> Tokenized:
+def tokenized_sample(corpus: Corpus, scan: CorpusScan, spec: ModelSpec, sample: int = SAMPLE_PASSAGES) -> Tokenized:
     """The first `sample` accepted passages, tokenised as the encoder will see them (after truncation)."""
     rows: list[dict] = []
     for table in corpus.batches(scan, min(sample, 4096)):
@@ -35,7 +36,8 @@ def tokenized_sample(corpus: Corpus, scan: CorpusScan, model: ModelConfig, sampl
         if len(rows) >= sample:
             break
     rows = rows[:sample]
-    return PairTokenizer(model, model_max_length(model))([r["title"] for r in rows], [r["text"] for r in rows])
+    tok = PairTokenizer(spec.model, spec.max_length, spec.checkpoint.hf_config)
+    return tok([r["title"] for r in rows], [r["text"] for r in rows])
 
 
 def tokens_per_passage(t: Tokenized) -> tuple[float, int]:
@@ -44,30 +46,37 @@ def tokens_per_passage(t: Tokenized) -> tuple[float, int]:
     return (float(np.mean(lengths)) if lengths else 0.0), len(lengths)
 
 
-def _dpr_geometry(cfg: RunConfig) -> tuple[jobplan.ModelGeometry | None, str | None]:
+def _dpr_checkpoint(cfg: RunConfig) -> tuple[Checkpoint | None, str | None]:
+    """The DPR model's config (read once), or None and a note when it cannot be read here."""
     if cfg.dpr is None:
         return None, None
     try:
-        return model_geometry(cfg.dpr.model, cfg.dpr.revision), None
+        return read_checkpoint(cfg.dpr.model, cfg.dpr.revision), None
     except OSError as exc:  # a hub name with no hub: plan with BERT-base geometry, and say so
-        return (jobplan.ModelGeometry(hidden=768, intermediate=3072, layers=12),
-                f"DPR model config unreadable here ({type(exc).__name__}); planned as BERT-base")
+        return None, f"DPR model config unreadable here ({type(exc).__name__}); planned as BERT-base"
+
+
+def _dpr_geometry(dpr: Checkpoint | None, note: str | None) -> jobplan.ModelGeometry | None:
+    if dpr is not None:
+        return cost_geometry(dpr)
+    return jobplan.ModelGeometry(hidden=768, intermediate=3072, layers=12) if note else None
 
 
 def plan_run(cfg: RunConfig, gpu: jobplan.GpuAssumptions) -> jobplan.JobPlan:
     corpus = Corpus(cfg.corpus, cfg.corpus_storage_options)
     scan = corpus.scan()
-    if cfg.dpr is not None:
+    dpr, dpr_note = _dpr_checkpoint(cfg)
+    if dpr is not None:
         from pipeline.flows.run import check_index_config
-        try:
-            check_index_config(cfg, scan.n)
-        except OSError:  # the DPR model's config is not reachable here; the real run checks again
-            log.warning("could not read %s's config to check index factory %s", cfg.dpr.model, cfg.dpr.index_factory)
-    tpp, sampled = tokens_per_passage(tokenized_sample(corpus, scan, cfg.model))
-    geometry = model_geometry(cfg.model.name, cfg.model.revision, cfg.model.layers)
+        check_index_config(cfg, dpr.embedding_width, scan.n)
+    elif cfg.dpr is not None:  # the DPR model's config is not reachable here; the real run checks again
+        log.warning("could not read %s's config to check index factory %s", cfg.dpr.model, cfg.dpr.index_factory)
+    spec = resolve_main(cfg.model)
+    tpp, sampled = tokens_per_passage(tokenized_sample(corpus, scan, spec))
+    geometry = cost_geometry(spec.checkpoint, cfg.model.layers)
     notes = [f"tokens/passage {tpp:.1f}, measured with the model's tokenizer on {sampled:,} passages",
              f"corpus counts: {scan.counts.to_dict()}"]
-    dpr_geometry, dpr_note = _dpr_geometry(cfg)
+    dpr_geometry = _dpr_geometry(dpr, dpr_note)
     notes += [dpr_note] if dpr_note else []
     from pipeline.codec.state_codec import planned_layout
 
@@ -86,8 +95,9 @@ def plan_delta(cfg: RunConfig, update, gpu: jobplan.GpuAssumptions) -> jobplan.J
     """Plan for an update: only new and changed passages are encoded (rates from the newest version)."""
     c = update.diff.counts()
     n = c["new"] + c["changed"]
-    geometry = model_geometry(cfg.model.name, cfg.model.revision, cfg.model.layers)
-    dpr_geometry, dpr_note = _dpr_geometry(cfg)
+    geometry = cost_geometry(resolve_main(cfg.model).checkpoint, cfg.model.layers)
+    dpr, dpr_note = _dpr_checkpoint(cfg)
+    dpr_geometry = _dpr_geometry(dpr, dpr_note)
     written = n * update.bytes_per_passage
     basis = f"{update.bytes_per_passage:,.0f} B/passage as stored in version {update.parent}"
     return jobplan.encode_plan("update", n, cfg.execution.shard_size or 10_000, update.tokens_per_passage, geometry, gpu,
@@ -99,7 +109,8 @@ def measure_sample(model: ModelConfig, corpus: Corpus, size: int, compression: C
                    with_zstd_ratio: bool) -> tuple[float, float | None]:
     """Tokens per passage on a corpus sample, and (when asked) the zstd ratio of the codes the
     configured codec, fitted on that sample, would store."""
-    t = tokenized_sample(corpus, corpus.scan(), model, size)
+    spec = resolve_main(model)
+    t = tokenized_sample(corpus, corpus.scan(), spec, size)
     tpp, n = tokens_per_passage(t)
     log.info("measured %.1f tokens per passage on %d sample passages", tpp, n)
     if not with_zstd_ratio:
@@ -111,7 +122,7 @@ def measure_sample(model: ModelConfig, corpus: Corpus, size: int, compression: C
     from pipeline.codec.fitting import codec_from_states
     from pipeline.codec.zstd_frames import Packer
 
-    enc = LayeredEncoder(model, torch.device("cpu"))
+    enc = LayeredEncoder(spec.model, torch.device("cpu"), config=spec.checkpoint.hf_config)
     if compression.dims is not None and compression.dims > enc.hidden:
         raise ConfigError(f"--dims {compression.dims} exceeds the sample model's hidden size {enc.hidden}")
     states = []

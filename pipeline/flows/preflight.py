@@ -2,38 +2,24 @@
 
 A wrong flag should cost a user one line and exit 2, not a Ray start-up and a worker traceback:
 the store must take a write, the model's config must load and fit --layers and --dims, and the
-DPR model and index factory must agree (`run.check_index_config`, after the corpus is listed)."""
+DPR model and index factory must agree (`run.check_index_config`, after the corpus is listed).
+What these checks read (the models' configs, a --compressor file) is handed to the run, not read again."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from pipeline.config import ConfigError, ModelConfig, RunConfig
-from storage.fs import check_writable, read_url, redact_url
+from pipeline.config import ConfigError, RunConfig
+from pipeline.model.spec import ModelSpec, resolve_dpr, resolve_main
+from storage.fs import check_writable, read_url, redact_url, sha256_bytes
 
 log = logging.getLogger(__name__)
 
 
-def model_geometry(model: ModelConfig) -> tuple[int, int]:
-    """(layers, hidden size) from the model's config alone: no weights are loaded."""
-    from transformers import AutoConfig
-
-    try:
-        cfg = AutoConfig.from_pretrained(model.path, revision=model.revision)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"model {model.name!r}: cannot load its config ({first[:300]}); pass a hub name or a "
-                          f"local directory with config.json") from exc
-    layers = getattr(cfg, "num_hidden_layers", None)
-    hidden = getattr(cfg, "hidden_size", None)
-    if not isinstance(layers, int) or not isinstance(hidden, int):
-        raise ConfigError(f"model {model.name!r} is not a BERT-style encoder (its config has no num_hidden_layers/"
-                          f"hidden_size)")
-    return layers, hidden
-
-
-def check_model(model: ModelConfig, dims: int | None) -> int:
+def check_model(spec: ModelSpec, dims: int | None) -> int:
     """The model's hidden size, once --layers and --dims are known to fit it."""
-    depth, hidden = model_geometry(model)
+    model, depth, hidden = spec.model, spec.checkpoint.depth, spec.hidden
     if model.layers > depth:
         raise ConfigError(f"--layers {model.layers}: {model.name} has {depth} layers; the input component is at "
                           f"most all of them (the paper uses the lower 5 of 12)")
@@ -43,16 +29,16 @@ def check_model(model: ModelConfig, dims: int | None) -> int:
     return hidden
 
 
-def check_states(model: ModelConfig, attention: str) -> None:
+def check_states(spec: ModelSpec, attention: str) -> None:
     """The input component, on the path the encoders will take, must reproduce the model's own
     `hidden_states[N]` (float32 here; each encoder repeats the check on its own device and dtype)."""
     import torch
 
     from pipeline.model.encoder import InputComponent
 
-    lower = InputComponent(model, torch.device("cpu"), attention=attention)
+    lower = InputComponent(spec.model, torch.device("cpu"), attention=attention, config=spec.checkpoint.hf_config)
     log.info("checked: %s's lower %d layers on the %s path reproduce its own forward (worst token relative "
-             "error %.1e)", model.name, model.layers, lower.attention, lower.check_error)
+             "error %.1e)", spec.name, spec.layers, lower.attention, lower.check_error)
 
 
 def check_compressor(codec, where: str, compression, hidden: int | None) -> None:
@@ -74,32 +60,48 @@ def check_compressor(codec, where: str, compression, hidden: int | None) -> None
         raise ConfigError(f"--compressor {where} expects {codec.hidden}-dim states, but the model's are {hidden}")
 
 
-def preflight_run(cfg: RunConfig) -> bytes | None:
-    """Store, model and compression settings, in that order; the first problem raises.
+@dataclass(frozen=True)
+class GivenCodec:
+    """A --compressor file as preflight read, decoded and checked it: the run stores these bytes and
+    fingerprints this digest, without reading or decoding the file again."""
+    data: bytes = field(repr=False)
+    sha256: str
+    codec: Any = field(repr=False)
 
-    Returns the bytes of a given --compressor (read once, here), else None."""
+
+@dataclass(frozen=True)
+class Preflight:
+    spec: ModelSpec  # every model fact the run needs, read once
+    compressor: GivenCodec | None  # the --compressor file, when one was given
+
+
+def read_given_codec(cfg: RunConfig, hidden: int | None) -> GivenCodec:
+    """Read and decode --compressor once; it must be what the flags ask for (and fit `hidden`, when known)."""
     from pipeline.codec.state_codec import codec_from_bytes
 
+    c = cfg.compression
+    where = redact_url(c.compressor)
+    data = read_url(cfg.compressor_location)
+    codec = codec_from_bytes(data, where, c.quantize, c.bits)
+    check_compressor(codec, where, c, hidden)
+    return GivenCodec(data, sha256_bytes(data), codec)
+
+
+def preflight_run(cfg: RunConfig) -> Preflight:
+    """Store, model and compression settings, in that order; the first problem raises.
+
+    Each model's config is read here, once (`ModelSpec`), and a given --compressor read and decoded once."""
     check_writable(cfg.store, cfg.storage_options)
-    hidden = check_model(cfg.model, cfg.compression.dims)
-    check_states(cfg.model, cfg.execution.attention)
+    spec = resolve_main(cfg.model, tokenizer=cfg.dpr is not None)
+    hidden = check_model(spec, cfg.compression.dims)
+    check_states(spec, cfg.execution.attention)
     c = cfg.compression
     if c.codec == "pq" and c.dims is None and hidden % c.pq_m:
         raise ConfigError(f"--pq-m {c.pq_m} does not divide {cfg.model.name}'s hidden size {hidden}: pick a divisor, "
                           f"or project first with --dims")
-    data = None
-    if c.compressor:
-        where = redact_url(c.compressor)
-        data = read_url(cfg.compressor_location)
-        check_compressor(codec_from_bytes(data, where, c.quantize, c.bits), where, c, hidden)
+    given = read_given_codec(cfg, hidden) if c.compressor else None
     if cfg.dpr is not None:
-        from pipeline.model.dpr import embedding_dim
-
-        try:
-            embedding_dim(cfg.dpr.model, cfg.dpr.revision)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ConfigError(f"DPR model {cfg.dpr.model!r}: cannot load its config "
-                              f"({str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc!r})") from exc
+        spec = replace(spec, dpr=resolve_dpr(cfg.dpr, spec.checkpoint))
     log.info("checked: store %s writable, model %s fits --layers %d", redact_url(cfg.store), cfg.model.name,
              cfg.model.layers)
-    return data
+    return Preflight(spec, given)

@@ -10,8 +10,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import pyarrow.parquet as pq
-
 from pipeline.index import faiss_file as fx
 from pipeline.config import ConfigError, digest
 from pipeline.flows.commit import Draft, commit_version
@@ -67,11 +65,6 @@ def _parent(store: Store) -> tuple[mf.Manifest, list[dict], dict[str, set[int]]]
     return parent, dpr, tombstones.of_version(store, parent)
 
 
-def _embedding_dim(store: Store, shard: dict) -> int:
-    with store.open(shard["path"]) as fh:
-        return pq.read_schema(fh).field("embedding").type.list_size
-
-
 def plan_reindex(cfg: ReindexConfig) -> JobPlan:
     store = Store(cfg.store, cfg.storage_options or {})
     return _plan(cfg, store, *_parent(store))
@@ -82,7 +75,9 @@ def _plan(cfg: ReindexConfig, store: Store, parent: mf.Manifest, dpr: list[dict]
     """The plan, after checking the factory can be built over the live vectors."""
     paths = {s["path"] for s in dpr}
     live = sum(s["rows"] for s in dpr) - sum(len(ids) for path, ids in dead.items() if path in paths)
-    dim = _embedding_dim(store, dpr[0])
+    from pipeline.index.build import stored_embedding_width
+
+    dim = stored_embedding_width(store, dpr[0]["path"])
     fx.check_factory(cfg.factory, dim, live, cfg.train_sample)
     per = factory_bytes_per_vector(cfg.factory, dim)
     if per is None:

@@ -18,25 +18,25 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.codec.state_codec import codec_from_bytes
-from pipeline.config import ModelConfig, RunConfig, digest, fingerprint
+from pipeline.codec.state_codec import Codec, codec_from_bytes
+from pipeline.config import RunConfig, digest, fingerprint
 from pipeline.corpus.rows import CorpusCounts, CorpusError
 from pipeline.corpus.source import Corpus, CorpusPlan
 from pipeline.corpus.duplicates import Duplicates, find_duplicates
 from pipeline.workers.dataflow import cluster_gpus, encode_splits, init_ray
-from pipeline.model.encoder import model_revision, pick_device
+from pipeline.model.encoder import pick_device
+from pipeline.model.spec import ModelSpec
 from pipeline.codec.fitting import fit_codec
 from pipeline.corpus.fit_sample import fit_sample_task, merge_fit_samples
 from pipeline.index.build import build_index
 from pipeline.flows.commit import Draft, Totals, commit_version, newest
-from pipeline.flows.preflight import check_compressor, preflight_run
+from pipeline.flows.preflight import GivenCodec, check_compressor, preflight_run, read_given_codec
 from pipeline.workers.sink import finished_markers
 from pipeline.corpus.splits import sample_splits
 from pipeline.workers.steps import EncodeStage, StageContext, load_codec
-from pipeline.model.tokenizer import model_max_length
 from storage import manifest as mf
 from storage.errors import find_cause
-from storage.fs import AccessRefused, Store, read_url, redact_url, sha256_bytes
+from storage.fs import AccessRefused, Store, sha256_bytes
 from storage.layout import shard_of
 from storage.shard_marker import ShardMarker, shard_entries
 from storage.shards import SCHEMA_VERSION
@@ -109,29 +109,28 @@ def corpus_label(cfg: RunConfig) -> str:
     return Corpus(cfg.corpus, cfg.corpus_storage_options).display_url
 
 
-def _obtain_compressor(cfg: RunConfig, store: Store, plan: CorpusPlan, revision: str,
-                       max_length: int, given: bytes | None = None) -> tuple[str, str, int]:
-    """(store path, sha256, bytes) of the codec artifact, fitting one if none was given.
+def _obtain_compressor(cfg: RunConfig, store: Store, plan: CorpusPlan, spec: ModelSpec,
+                       given: GivenCodec | None = None) -> tuple[tuple[str, str, int], Codec]:
+    """(store path, sha256, bytes) of the codec artifact, fitting one if none was given, and the codec.
 
-    `given`: the --compressor file's bytes as preflight read them (checked there against the model)."""
+    `given`: the --compressor file as preflight read, decoded and checked it (never read again here)."""
     c = cfg.compression
     if c.compressor:
-        data = given if given is not None else read_url(cfg.compressor_location)
-        where = redact_url(c.compressor)
-        check_compressor(codec_from_bytes(data, where, c.quantize, c.bits), where, c, None)
-        sha = sha256_bytes(data)
+        if given is None:  # a caller that skipped preflight
+            given = read_given_codec(cfg, None)
+        data, sha, codec = given.data, given.sha256, given.codec
         rel = f"artifacts/compressor-{sha[:16]}.safetensors"
     else:
-        fit_key = digest({"model": cfg.model.name, "revision": revision, "layers": cfg.model.layers,
-                          "dims": c.dims, "corpus": plan.digest, "sample": c.fit_sample, "max_length": max_length,
+        fit_key = digest({"model": cfg.model.name, "revision": spec.revision, "layers": cfg.model.layers,
+                          "dims": c.dims, "corpus": plan.digest, "sample": c.fit_sample, "max_length": spec.max_length,
                           **({"codec": c.codec, "pq_m": c.pq_m, "opq": c.opq} if c.codec != "linear" else {}),
                           **({"residual": c.residual} if c.residual != "none" else {})})
         rel = f"artifacts/compressor-fit-{fit_key}.safetensors"
         if store.exists(rel):
             data = store.read_bytes(rel)
-            codec_from_bytes(data, rel, c.quantize, c.bits)
+            codec = codec_from_bytes(data, rel, c.quantize, c.bits)
             log.info("reusing the codec fitted earlier on this corpus: %s", rel)
-            return rel, sha256_bytes(data), len(data)
+            return (rel, sha256_bytes(data), len(data)), codec
         import ray
 
         ids, titles, texts = _fit_sample(cfg, plan)
@@ -140,12 +139,13 @@ def _obtain_compressor(cfg: RunConfig, store: Store, plan: CorpusPlan, revision:
                  "" if c.residual == "none" else f" (residual: {c.residual})", len(ids))
         gpus = 1 if cluster_gpus() else 0
         remote = ray.remote(num_cpus=cfg.execution.encoder_cpus, num_gpus=gpus)(_fit_task)
-        data = ray.get(remote.remote(cfg.model, titles, texts, c, max_length, cfg.execution.device,
+        data = ray.get(remote.remote(spec.model, titles, texts, c, spec.max_length, cfg.execution.device,
                                      cfg.execution.token_budget or 8192, ids))
         sha = sha256_bytes(data)
+        codec = codec_from_bytes(data, rel, c.quantize, c.bits)
     if not store.exists(rel) or store.size(rel) != len(data):
         store.write_bytes(rel, data)
-    return rel, sha, len(data)
+    return (rel, sha, len(data)), codec
 
 
 def _fit_task(model, titles, texts, compression, max_length, device, token_budget, ids) -> bytes:
@@ -161,43 +161,34 @@ class Prepared:
     max_length: int
 
 
-def prepare(cfg: RunConfig, store: Store, compressor: tuple[str, str, int], run_dir: str | None,
-            revision: str | None = None) -> Prepared:
-    """Fingerprint (model, compressor, quantisation, DPR) and the context every worker gets."""
-    max_length = model_max_length(cfg.model)
-    revision = revision or model_revision(cfg.model)  # hashing a local checkpoint reads every weight file
+def prepare(cfg: RunConfig, spec: ModelSpec, store: Store, compressor: tuple[str, str, int], run_dir: str | None,
+            codec: Codec | None = None) -> Prepared:
+    """Fingerprint (model, compressor, quantisation, DPR) and the context every worker gets.
+
+    `codec`: the compressor as the driver decoded it already; None (an update) loads and checks it here."""
     comp_rel, comp_sha, _ = compressor
-    codec = load_codec(store, comp_rel, comp_sha, cfg.compression)
-    check_compressor(codec, comp_rel, cfg.compression, None)  # an update's flags must match its parent's codec
-    fp = fingerprint(cfg.model, revision, cfg.compression, codec.fingerprint_fields(), comp_sha, max_length,
+    if codec is None:
+        codec = load_codec(store, comp_rel, comp_sha, cfg.compression)
+        check_compressor(codec, comp_rel, cfg.compression, None)  # an update's flags must match its parent's codec
+    fp = fingerprint(cfg.model, spec.revision, cfg.compression, codec.fingerprint_fields(), comp_sha, spec.max_length,
                      SCHEMA_VERSION)
-    shares = True
     if cfg.dpr is not None:
-        from pipeline.model.dpr import resolve_normalize, resolve_pooling, same_vocabulary
-        dpr_model = ModelConfig(name=cfg.dpr.model, revision=cfg.dpr.revision)
-        fp["dpr"] = {"model": cfg.dpr.model, "revision": model_revision(dpr_model),
-                     "pooling": resolve_pooling(cfg.dpr.model, cfg.dpr.pooling), "dtype": cfg.dpr.dtype,
-                     "normalize": resolve_normalize(cfg.dpr.model, cfg.dpr.normalize),
-                     "question_model": cfg.dpr.question}
-        shares = same_vocabulary(cfg.model.name, cfg.dpr.model)
+        fp["dpr"] = spec.dpr.fingerprint(cfg.dpr)
         log.info("DPR pass: %s (%s pooling), %s", cfg.dpr.model, fp["dpr"]["pooling"],
-                 "sharing the input component's token ids" if shares else "own tokenizer")
-    ctx = StageContext(store_url=cfg.store, run_dir=run_dir or "", model=cfg.model, compression=cfg.compression,
-                       execution=cfg.execution, max_length=max_length, compressor_path=comp_rel,
-                       compressor_sha256=comp_sha, fingerprint=fp, scaled_codes=codec.layout.scaled, dpr=cfg.dpr, dpr_shares_tokens=shares,
-                       storage_options=cfg.storage_options)
-    return Prepared(ctx, fp, max_length)
+                 "sharing the input component's token ids" if spec.dpr.shares_tokens else "own tokenizer")
+    ctx = StageContext(store_url=cfg.store, run_dir=run_dir or "", spec=spec, compression=cfg.compression,
+                       execution=cfg.execution, compressor_path=comp_rel, compressor_sha256=comp_sha, fingerprint=fp,
+                       scaled_codes=codec.layout.scaled, dpr=cfg.dpr, storage_options=cfg.storage_options)
+    return Prepared(ctx, fp, spec.max_length)
 
 
-def check_index_config(cfg: RunConfig, n_passages: int) -> None:
-    """A factory FAISS cannot build fails now, not after every passage has been encoded."""
+def check_index_config(cfg: RunConfig, width: int, n_passages: int) -> None:
+    """A factory FAISS cannot build over `width`-wide vectors fails now, not after every passage was encoded."""
     if cfg.dpr is None:
         return
     from pipeline.index import faiss_file as fx
-    from pipeline.model.dpr import embedding_dim
 
-    fx.check_factory(cfg.dpr.index_factory, embedding_dim(cfg.dpr.model, cfg.dpr.revision), n_passages,
-                     cfg.dpr.train_sample)
+    fx.check_factory(cfg.dpr.index_factory, width, n_passages, cfg.dpr.train_sample)
 
 
 # ---------------------------------------------------------------- the run
@@ -205,18 +196,18 @@ def check_index_config(cfg: RunConfig, n_passages: int) -> None:
 def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
     """Encode and commit. `encode_stage` exists so tests can inject a worker that dies mid-run."""
     t_start = time.perf_counter()
-    compressor_bytes = preflight_run(cfg)
+    checked = preflight_run(cfg)
+    spec = checked.spec  # every model fact below comes from here: no config is read again on the driver
     corpus = Corpus(cfg.corpus, cfg.corpus_storage_options)
     log.info("phase: plan (listing %s)", corpus.display_url)
     plan = corpus.plan(cfg.execution.shard_size)
-    check_index_config(cfg, plan.estimated_rows)
+    if spec.dpr is not None:
+        check_index_config(cfg, spec.dpr.checkpoint.embedding_width, plan.estimated_rows)
     store = Store(cfg.store, cfg.storage_options)  # a local store's directory appears only now
     init_ray(cfg.execution.ray_address)
-    max_length = model_max_length(cfg.model)
-    revision = model_revision(cfg.model)
     log.info("phase: fit-sample")
-    compressor = _obtain_compressor(cfg, store, plan, revision, max_length, compressor_bytes)
-    prep = prepare(cfg, store, compressor, None, revision)
+    compressor, codec = _obtain_compressor(cfg, store, plan, spec, checked.compressor)
+    prep = prepare(cfg, spec, store, compressor, None, codec)
     policy = {"on_too_long": cfg.model.on_too_long, "rows_per_split": plan.rows_per_split}
     run_id = digest({"fingerprint": prep.fingerprint, "corpus": plan.digest, "policy": policy})
     ctx = dataclasses.replace(prep.ctx, run_dir=f"runs/{run_id}", corpus=cfg.corpus,

@@ -161,11 +161,13 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
     from pipeline.flows.commit import Draft, Totals, commit_version
     from pipeline.workers.dataflow import encode_splits
     from pipeline.flows.preflight import check_states
+    from pipeline.model.spec import resolve_spec
     from pipeline.workers.sink import finished_markers
     from storage.shard_marker import shard_entries
 
     t0 = time.perf_counter()
-    check_states(cfg.model, cfg.execution.attention)  # before Ray starts: a model computed wrongly is refused
+    spec = resolve_spec(cfg)  # every model fact the update needs, each config read once
+    check_states(spec, cfg.execution.attention)  # before Ray starts: a model computed wrongly is refused
     store = Store(cfg.store, cfg.storage_options)
     corpus = Corpus(cfg.corpus, cfg.corpus_storage_options)
     stage_key = {"parent": mf.latest_version(store), "corpus": dataclasses.asdict(cfg.corpus),
@@ -173,7 +175,7 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
     stage_dir = f"runs/update-stage-{digest(stage_key)}"  # rows to encode, staged while the corpus is compared
     parent, scan, parts, plan = plan_update(store, corpus, cfg.execution, stage_dir)
     comp = parent.artifacts["compressor"]
-    prep = runner.prepare(cfg, store, (comp["path"], comp["sha256"], comp["bytes"]), run_dir=None)
+    prep = runner.prepare(cfg, spec, store, (comp["path"], comp["sha256"], comp["bytes"]), run_dir=None)
     want, have = _comparable(prep.fingerprint), _comparable(parent.fingerprint)
     if want != have:
         keys = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))

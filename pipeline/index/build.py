@@ -218,8 +218,9 @@ def build_index(cfg: RunConfig, store: Store, run_dir: str, dpr_shards: list[dic
     return build_index_from(spec, store, run_dir, dpr_shards, dead)
 
 
-def embedding_dim(store: Store, path: str) -> int:
-    """The vectors' width from a shard's footer, without reading rows."""
+def stored_embedding_width(store: Store, path: str) -> int:
+    """The width of the vectors a DPR shard holds, from its footer, without reading rows (not the
+    model's: `pipeline.model.spec.Checkpoint.embedding_width` is what a model will produce)."""
     import pyarrow.parquet as pq
 
     with store.open(path) as fh:
@@ -263,7 +264,7 @@ def build_index_from(spec: IndexSpec, store: Store, run_dir: str, dpr_shards: li
         log.info("reusing the FAISS index built by an earlier attempt: %s", reused["path"])
         return reused
     t0 = time.perf_counter()
-    dim = embedding_dim(store, dpr_shards[0]["path"])
+    dim = stored_embedding_width(store, dpr_shards[0]["path"])
     fx.check_factory(spec.factory, dim, live, spec.train_sample)
     nlist = fx.factory_nlist(spec.factory, dim)
     staging = f"{run_dir}/index/staging-{tag}"

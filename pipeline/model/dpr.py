@@ -15,6 +15,7 @@ from pipeline.config import DprConfig, resolve_model  # noqa: F401  (DprConfig r
 from pipeline.model.encoder import compute_dtype, default_token_budget, pad_batch, token_budget_batches
 
 def resolve_pooling(model: str, pooling: str) -> str:
+    """`auto`: as the model's sentence-transformers pooling config says (CLS without one)."""
     if pooling != "auto":
         return pooling
     path = resolve_model(model)
@@ -37,35 +38,37 @@ def resolve_normalize(model: str, normalize: bool | None) -> bool:
         return any(m.get("type", "").endswith("Normalize") for m in json.load(fh))
 
 
-def embedding_dim(model: str, revision: str | None = None) -> int:
-    """The embedding width a model produces, from its config alone (no weights loaded)."""
-    cfg = AutoConfig.from_pretrained(resolve_model(model), revision=revision)
-    return int(getattr(cfg, "projection_dim", 0) or cfg.hidden_size)
-
-
 class Embedder:
     """One model, one pooling; encodes passages (title, text pairs) or questions (single segment)."""
 
     def __init__(self, model: str, revision: str | None, pooling: str, device: torch.device, role: str = "ctx",
-                 normalize: bool | None = None):
+                 normalize: bool | None = None, config=None):
+        """`config`: the checkpoint's HF config when the driver read it already (`DprSpec`): weights and
+        tokenizer files are then all this reads."""
         path = resolve_model(model)
         self.device = device
         self.dtype = compute_dtype(device)
-        cfg = AutoConfig.from_pretrained(path, revision=revision)
+        cfg = config if config is not None else AutoConfig.from_pretrained(path, revision=revision)
         self.is_dpr = cfg.model_type == "dpr"
         if self.is_dpr:
             from transformers import DPRContextEncoder, DPRQuestionEncoder
             cls = DPRQuestionEncoder if role == "question" else DPRContextEncoder
-            self.model = cls.from_pretrained(path, revision=revision, dtype=self.dtype)
+            self.model = cls.from_pretrained(path, revision=revision, dtype=self.dtype, config=cfg)
         else:
-            self.model = AutoModel.from_pretrained(path, revision=revision, dtype=self.dtype)
+            self.model = AutoModel.from_pretrained(path, revision=revision, dtype=self.dtype, config=cfg)
         self.model.to(device).eval().requires_grad_(False)
-        self.tok = AutoTokenizer.from_pretrained(path, revision=revision, use_fast=True)
+        self.tok = AutoTokenizer.from_pretrained(path, revision=revision, use_fast=True, config=cfg)
         self.pooling = "cls" if self.is_dpr else resolve_pooling(model, pooling)
         self.normalize = resolve_normalize(model, normalize)
         self.dim = int(getattr(cfg, "projection_dim", 0) or cfg.hidden_size)
-        self.max_length = min(int(getattr(cfg, "max_position_embeddings", 512)), 512)
+        self.max_length = min(int(getattr(cfg, "max_position_embeddings", 512)), 512)  # = DprSpec.max_length
         self.type_vocab = int(getattr(cfg, "type_vocab_size", 2) or 1)
+
+    @classmethod
+    def from_spec(cls, spec, device: torch.device) -> "Embedder":
+        """The passage encoder of a run, as the driver resolved it (`pipeline.model.spec.DprSpec`)."""
+        ck = spec.checkpoint
+        return cls(ck.name, ck.load_revision, spec.pooling, device, normalize=spec.normalize, config=ck.hf_config)
 
     @torch.inference_mode()
     def embed_ids(self, input_ids: list[np.ndarray], token_types: list[np.ndarray],
@@ -101,11 +104,3 @@ class Embedder:
         enc = self.tok(questions, truncation=True, max_length=self.max_length, return_token_type_ids=True)
         return self.embed_ids([np.asarray(x) for x in enc["input_ids"]],
                               [np.asarray(x) for x in enc["token_type_ids"]])
-
-
-def same_vocabulary(a: str, b: str) -> bool:
-    """True when both models tokenise identically, so the DPR pass can reuse the token ids."""
-    ta = AutoTokenizer.from_pretrained(resolve_model(a), use_fast=True)
-    tb = AutoTokenizer.from_pretrained(resolve_model(b), use_fast=True)
-    return ta.get_vocab() == tb.get_vocab() and type(ta).__name__ == type(tb).__name__ \
-        and getattr(ta, "do_lower_case", None) == getattr(tb, "do_lower_case", None)

@@ -86,13 +86,16 @@ class LayeredEncoder:
     model's embeddings output is only used for its shape. `pipeline.model.guard` compares both
     against the model's full forward before any work."""
 
-    def __init__(self, model_cfg: ModelConfig, device: torch.device, keep_upper: bool = False, model=None):
+    def __init__(self, model_cfg: ModelConfig, device: torch.device, keep_upper: bool = False, model=None,
+                 config=None):
         """`model`: an already loaded base model (e.g. the encoder inside a QA checkpoint) instead of loading one.
+        `config`: its HF config as the driver read it (`pipeline.model.spec.Checkpoint`), so only weights are read.
         `keep_upper=False` drops the upper layers once the input component has been checked."""
         self.device = device
         self.dtype = compute_dtype(device)
         if model is None:
-            model = AutoModel.from_pretrained(model_cfg.path, revision=model_cfg.revision, dtype=self.dtype)
+            model = AutoModel.from_pretrained(model_cfg.path, revision=model_cfg.revision, dtype=self.dtype,
+                                              config=config)
         model.eval().requires_grad_(False)
         if getattr(model, "pooler", None) is not None:
             model.pooler = None  # states only: the pooler is never used and would cost a matmul per call
@@ -315,8 +318,8 @@ class InputComponent:
     forward on padded batches; `auto` is packed wherever the model allows it."""
 
     def __init__(self, model_cfg: ModelConfig, device: torch.device, pad_id: int = 0, attention: str = "auto",
-                 compile: bool = False):
-        self.encoder = LayeredEncoder(model_cfg, device)
+                 compile: bool = False, config=None):
+        self.encoder = LayeredEncoder(model_cfg, device, config=config)
         self.device, self.dtype, self.hidden = device, self.encoder.dtype, self.encoder.hidden
         self.pad_id = pad_id
         self.attention = resolve_attention(attention, self.encoder)
@@ -362,8 +365,9 @@ class ShardEncoder:
     The codec also gets the batch's token ids and lengths (side information a codec may predict from)."""
 
     def __init__(self, model_cfg: ModelConfig, codec: Codec, token_budget: int | None, device: torch.device,
-                 pad_id: int = 0, attention: str = "auto", compile: bool = False):
-        self.lower = InputComponent(model_cfg, device, pad_id, attention, compile)
+                 pad_id: int = 0, attention: str = "auto", compile: bool = False, config=None):
+        """`config`: the checkpoint's HF config as the driver read it (`Checkpoint.hf_config`), or None to read it."""
+        self.lower = InputComponent(model_cfg, device, pad_id, attention, compile, config)
         if codec.hidden != self.lower.hidden:
             raise ConfigError(f"the codec expects hidden size {codec.hidden}, "
                               f"model {model_cfg.name} has {self.lower.hidden}")

@@ -20,21 +20,21 @@ class Tokenized:
 
 
 def model_max_length(model: ModelConfig) -> int:
-    """The longest sequence the model takes: the smaller of the tokenizer's and the positions'."""
+    """The longest sequence the model takes: the smaller of the tokenizer's and the positions'.
+
+    For callers without a `ModelSpec` (fitting, reports, benchmarks); a run takes `ModelSpec.max_length`."""
+    from pipeline.model.spec import max_length_for, position_limit
+
     cfg = AutoConfig.from_pretrained(model.path, revision=model.revision)
-    limit = getattr(cfg, "max_position_embeddings", 512)
-    if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
-        limit -= 2  # RoBERTa reserves two position slots for its padding offset
-    if model.max_length is not None:
-        if model.max_length > limit:
-            raise ConfigError(f"max_length={model.max_length} exceeds the model's {limit} positions")
-        return model.max_length
-    return limit
+    return max_length_for(model, position_limit(getattr(cfg, "model_type", ""),
+                                                getattr(cfg, "max_position_embeddings", 512)))
 
 
 class PairTokenizer:
-    def __init__(self, model: ModelConfig, max_length: int):
-        self.tok = AutoTokenizer.from_pretrained(model.path, revision=model.revision, use_fast=True)
+    def __init__(self, model: ModelConfig, max_length: int, config=None):
+        """`config`: the checkpoint's HF config when it was read already (`Checkpoint.hf_config`), so that
+        loading the tokenizer does not read config.json again."""
+        self.tok = AutoTokenizer.from_pretrained(model.path, revision=model.revision, use_fast=True, config=config)
         if not getattr(self.tok, "is_fast", False):
             raise ConfigError(f"{model.name} has no fast tokenizer; the pipeline needs one (tokenizers)")
         self.max_length = max_length

@@ -20,8 +20,9 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline.codec.state_codec import Codec, codec_from_bytes
-from pipeline.config import CompressionConfig, CorpusConfig, DprConfig, ExecutionConfig, ModelConfig
+from pipeline.config import CompressionConfig, CorpusConfig, DprConfig, ExecutionConfig
 from pipeline.model.encoder import ShardEncoder, pick_device
+from pipeline.model.spec import ModelSpec
 from pipeline.model.tokenizer import PairTokenizer
 from storage.fs import Store
 from storage.shards import SCHEMA_VERSION
@@ -55,26 +56,26 @@ def one_split(table: pa.Table) -> int:
 
 @dataclass(frozen=True)
 class StageContext:
-    """Everything a worker needs to do its step; pickled once per actor or task."""
+    """Everything a worker needs to do its step; pickled once per actor or task.
+
+    The model facts come as the driver resolved them (`spec`): a worker loads weights and tokenizer
+    files, never a config to re-derive what the driver already knows."""
     store_url: str
     run_dir: str
-    model: ModelConfig
+    spec: ModelSpec
     compression: CompressionConfig
     execution: ExecutionConfig
-    max_length: int
     compressor_path: str
     compressor_sha256: str
     fingerprint: dict[str, Any]
     scaled_codes: bool = True  # the codec stores a float16 scale per token (its layout says)
     dpr: DprConfig | None = None
-    dpr_shares_tokens: bool = True  # same vocabulary: the DPR pass reuses the token ids
     corpus: CorpusConfig | None = None  # where PrepareStage reads splits from (None: staged input slices)
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # the store's
     corpus_storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # the corpus's own
 
     def store(self) -> Store:
         return Store(self.store_url, self.storage_options)
-
 
 def load_codec(store: Store, rel: str, sha256: str, compression: CompressionConfig) -> Codec:
     """The run's codec, from its artifact (refused unless its sha256 matches) and the quantisation settings."""
@@ -87,14 +88,15 @@ class TokenizeStage:
 
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
-        self.tok = PairTokenizer(ctx.model, ctx.max_length)
+        self.tok = PairTokenizer(ctx.spec.model, ctx.spec.max_length, ctx.spec.checkpoint.hf_config)
         self.dpr_tok = None
-        if ctx.dpr is not None and not ctx.dpr_shares_tokens:
+        dpr = ctx.spec.dpr
+        if dpr is not None and not dpr.shares_tokens:
             from transformers import AutoTokenizer
 
-            from pipeline.config import resolve_model
-            self.dpr_tok = AutoTokenizer.from_pretrained(resolve_model(ctx.dpr.model), revision=ctx.dpr.revision,
-                                                         use_fast=True)
+            ck = dpr.checkpoint
+            self.dpr_tok = AutoTokenizer.from_pretrained(ck.path, revision=ck.load_revision, use_fast=True,
+                                                         config=ck.hf_config)
 
     def __call__(self, inp: pa.Table) -> pa.Table:
         if inp.num_rows == 0:
@@ -135,13 +137,12 @@ class EncodeStage:
             per_actor = max(1, (os.cpu_count() or 1) // (ctx.execution.num_encoders or 1))
             torch.set_num_threads(ctx.execution.torch_threads or per_actor)
         ex = ctx.execution
-        self.encoder = ShardEncoder(ctx.model, codec, ex.token_budget, device, attention=ex.attention,
-                                    compile=ex.compile)
+        self.encoder = ShardEncoder(ctx.spec.model, codec, ex.token_budget, device, attention=ex.attention,
+                                    compile=ex.compile, config=ctx.spec.checkpoint.hf_config)
         self.embedder = None
-        if ctx.dpr is not None:
+        if ctx.spec.dpr is not None:
             from pipeline.model.dpr import Embedder
-            self.embedder = Embedder(ctx.dpr.model, ctx.dpr.revision, ctx.dpr.pooling, device,
-                                     normalize=ctx.fingerprint["dpr"]["normalize"])
+            self.embedder = Embedder.from_spec(ctx.spec.dpr, device)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if table.num_rows == 0:
