@@ -46,9 +46,18 @@ def imports_of(path: Path, name: str, top_level_only: bool) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
-            found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names)
+            subs = {f"{base}.{a.name}" for a in node.names}
+            # `from pkg import submodule` is an edge to the submodule, not to pkg: a package that imports
+            # its own submodules would otherwise always look like a cycle.
+            found.update(subs)
+            if not any(_is_module(s) for s in subs):
+                found.add(base)
     return {m for m in found if m.split(".")[0] in PACKAGES}
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def graph(top_level_only: bool) -> dict[str, set[str]]:
