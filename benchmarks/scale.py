@@ -188,7 +188,7 @@ def child_main(timeline_path: str, cli_argv: list[str]) -> int:
     t, cpu, rss = tl.now()
     tl.samples.append((t, cpu, rss))
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    for m in ("pipeline.flows.run", "storage.manifest"):
+    for m in ("pipeline.flows.run", "pipeline.run", "storage.manifest"):  # the run module, after and before the move
         modules[m] = getattr(sys.modules.get(m), "__file__", None)
     body = {"argv": cli_argv, "events": tl.events, "samples": tl.samples, "modules": modules,
             "versions": _loaded_versions(),
