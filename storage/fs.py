@@ -371,6 +371,18 @@ class Store:
                 out.append(FileInfo(self.relative(e["name"]), int(e.get("size") or 0)))
         return sorted(out, key=lambda f: f.path)
 
+    def list_dirs(self, rel_dir: str) -> list[str]:
+        """Directories directly under `rel_dir` (relative paths, sorted; empty if it does not exist): one listing."""
+        base = self.full(rel_dir)
+        self.fs.invalidate_cache(base)
+        try:
+            entries = self.fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return []
+        finally:
+            self.fs.invalidate_cache(base)
+        return sorted(self.relative(e["name"]) for e in entries if e.get("type") == "directory")
+
     def walk_files(self, rel_dir: str = "") -> list[FileInfo]:
         base = self.full(rel_dir)
         # A listing is always fresh and leaves nothing cached: s3fs keeps listings in a per-process

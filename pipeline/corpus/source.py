@@ -100,9 +100,14 @@ class Corpus:
         return CorpusPlan(files, splits, rows, est, digest)
 
     def policy(self) -> dict:
-        """Everything besides the bytes that decides which rows a split accepts."""
+        """Everything besides the bytes that decides which rows a split accepts.
+
+        Not --on-duplicate: a split's rows are the same under either policy whenever it is written at all
+        (`error` fails a split holding a repeat), and across splits the policy only decides which copy is
+        live, at the commit. A rerun with another policy reuses every encoded shard."""
         c = dataclasses.asdict(self.cfg)
         c.pop("url", None)
+        c.pop("on_duplicate", None)
         return c
 
     def _limited_splits(self, source: CorpusFiles, files: list[SourceFile], rows_per_split: int) -> list[Split]:
@@ -176,6 +181,16 @@ class Corpus:
         h = hashlib.sha256(arr[idx].tobytes())
         h.update(hash_col.buffers()[1].to_pybytes() if idx.size else b"")
         return SplitRead(table, counts, h.hexdigest(), dupes)
+
+    def split_ids(self, split: Split) -> np.ndarray:
+        """The ids one split accepts, in file order, repeats included: the duplicate check before encoding
+        reads this much of every split (no hashing, no table, no tokenising)."""
+        validate = RowValidator(self.cfg, CorpusCounts())
+        with self.where.refusals_named(split.path):
+            source = self._source()
+            source.check_version(split)
+            ids = [row[0] for raw in source.split_rows(split) if (row := validate(raw)) is not None]
+        return np.asarray(ids, dtype=np.int64)
 
     # -------------------------------------------------------------- the serial path
 

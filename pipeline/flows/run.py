@@ -22,7 +22,7 @@ from pipeline.codec.state_codec import Codec, codec_from_bytes
 from pipeline.config import RunConfig, digest, fingerprint
 from pipeline.corpus.rows import CorpusCounts, CorpusError
 from pipeline.corpus.source import Corpus, CorpusPlan
-from pipeline.corpus.duplicates import Duplicates, find_duplicates
+from pipeline.corpus.duplicates import Duplicates, find_corpus_duplicates, find_duplicates
 from pipeline.workers.dataflow import cluster_gpus, encode_splits, init_ray
 from pipeline.model.encoder import pick_device
 from pipeline.model.spec import ModelSpec
@@ -205,9 +205,12 @@ def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
         check_index_config(cfg, spec.dpr.checkpoint.embedding_width, plan.estimated_rows)
     store = Store(cfg.store, cfg.storage_options)  # a local store's directory appears only now
     init_ray(cfg.execution.ray_address)
+    if cfg.corpus.on_duplicate == "error":
+        check_unique_ids(cfg, plan)
     log.info("phase: fit-sample")
     compressor, codec = _obtain_compressor(cfg, store, plan, spec, checked.compressor)
     prep = prepare(cfg, spec, store, compressor, None, codec)
+    # what the shards' codes depend on; --on-duplicate is applied at the commit (`Corpus.policy`)
     policy = {"on_too_long": cfg.model.on_too_long, "rows_per_split": plan.rows_per_split}
     run_id = digest({"fingerprint": prep.fingerprint, "corpus": plan.digest, "policy": policy})
     ctx = dataclasses.replace(prep.ctx, run_dir=f"runs/{run_id}", corpus=cfg.corpus,
@@ -223,12 +226,26 @@ def run(cfg: RunConfig, encode_stage: type = EncodeStage) -> RunSummary:
         return commit([])
     log.info("phase: encode")
     with ProgressWatch(store, ctx.run_dir, set(resumed), len(pending), plan.rows_per_split, t_start,
-                       total_rows=plan.estimated_rows):
+                       total_rows=plan.estimated_rows) as watch:
+        commit.progress = watch  # the final count is said from the markers, before the commit's own lines
         _, summary = encode_splits(ctx, [plan.splits[k].to_dict() for k in pending], encode_stage,
                                    on_complete=commit)
     if summary is None:
         raise RuntimeError("the write finished without a commit; rerun to retry (finished splits are reused)")
     return summary
+
+
+def check_unique_ids(cfg: RunConfig, plan: CorpusPlan) -> None:
+    """Repeated ids fail the run before the compressor is fitted or any split encoded: one pass over the ids
+    of every split on the workers (no hashing or tokenising), a small share of what encoding costs."""
+    t0 = time.perf_counter()
+    dup = find_corpus_duplicates(cfg.corpus, cfg.corpus_storage_options, plan.splits, cfg.execution.task_cpus)
+    if dup.count:
+        raise CorpusError(f"{corpus_label(cfg)}: {dup.count} duplicate passage id(s), e.g. "
+                          f"{dup.examples}; ids must be unique, or pass --on-duplicate keep-first to keep the first "
+                          f"copy of each. Found before encoding: nothing was encoded or committed")
+    log.info("checked: passage ids are unique across %d split(s) (%.1f s)", len(plan.splits),
+             time.perf_counter() - t0)
 
 
 class ProgressWatch:
@@ -248,6 +265,7 @@ class ProgressWatch:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._shown = 0
+        self._finished = False
         self._thread = threading.Thread(target=self._watch, name="progress-watch", daemon=True)
 
     def __enter__(self) -> "ProgressWatch":
@@ -258,8 +276,22 @@ class ProgressWatch:
     def __exit__(self, exc_type, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        if exc_type is None and not self._thread.is_alive():
+        if exc_type is None and not self._finished and not self._thread.is_alive():
             self._check()  # the last shards may land between two listings: the final count is always said
+
+    def finish(self, markers: list[ShardMarker]) -> None:
+        """The last line, from the markers this attempt wrote (real passage counts, not the plan's
+        estimate): said once every shard is written and before the commit logs anything."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with self._lock:
+            self._finished = True
+            done = len({m.shard for m in markers} - self.already)
+            passages = sum(m.passages_in for m in markers if m.shard not in self.already)
+            if done and self._shown == 0:
+                log.info("first encoded shard after %.1f s", time.perf_counter() - self.t_start)
+            log.info("%s", progress_line(self.total, self.total, passages, time.perf_counter() - self._t0,
+                                         exact=True))
 
     def _watch(self) -> None:
         while not self._stop.wait(1.0 if self._shown == 0 else self.every_s):
@@ -267,6 +299,8 @@ class ProgressWatch:
 
     def _check(self) -> None:
         with self._lock:
+            if self._finished:
+                return
             try:
                 done = {shard_of(f.path) for f in self.store.list(self.prefix) if f.path.endswith(".done.json")}
             except (OSError, ValueError) as exc:  # a flaky listing only delays this message; never fails the run
@@ -286,9 +320,13 @@ class ProgressWatch:
         log.info("%s", progress_line(new, self.total, passages, time.perf_counter() - self._t0))
 
 
-def progress_line(done: int, total: int, passages: int, seconds: float) -> str:
-    """Pure: 'encoded 3/16 shards (~3,000 passages, 120 passages/s), ETA 1m 48s'."""
+def progress_line(done: int, total: int, passages: int, seconds: float, exact: bool = False) -> str:
+    """Pure: 'encoded 3/16 shards (~3,000 passages, 120 passages/s), ETA 1m 48s'; `exact`: counted, not
+    estimated (the last line: 'encoded 16/16 shards (15,872 passages, 131 passages/s) in 2m 01s')."""
     rate = passages / seconds if seconds > 0 else 0.0
+    if exact:
+        return (f"encoded {done}/{total} shards ({passages:,} passages, {rate:,.0f} passages/s) in "
+                f"{int(seconds // 60)}m {int(seconds % 60):02d}s")
     left = (total - done) * (passages / done) / rate if done and rate else None
     eta = "ETA unknown" if left is None else f"ETA {int(left // 60)}m {int(left % 60):02d}s"
     return f"encoded {done}/{total} shards (~{passages:,} passages, {rate:,.0f} passages/s), {eta}"
@@ -305,9 +343,12 @@ class _Commit:
     resumed: dict[int, ShardMarker]
     compressor: tuple[str, str, int]
     t_start: float
+    progress: ProgressWatch | None = None
 
     def __call__(self, new_markers: list[ShardMarker]) -> RunSummary:
         cfg, store, ctx = self.cfg, self.store, self.ctx
+        if self.progress is not None:
+            self.progress.finish(new_markers)
         markers = dict(self.resumed)
         markers.update({m.shard: m for m in new_markers})
         n = len(self.plan.splits)
@@ -319,15 +360,18 @@ class _Commit:
         if missing:
             raise RuntimeError(f"splits {missing[:10]} produced no output; rerun to retry them")
         ordered = [markers[k] for k in range(n)]
-        log.info("phase: dedupe")
-        dup = find_duplicates(cfg.store, cfg.storage_options,
-                              [(m.shard, m.path, list(m.too_long_ids or ())) for m in ordered
-                               if m.path or m.too_long_ids], cfg.execution.task_cpus)
-        if dup.count and cfg.corpus.on_duplicate == "error":
-            raise CorpusError(f"{corpus_label(cfg)}: "
-                              f"{dup.count} duplicate passage id(s) across parts of the corpus, e.g. {dup.examples}; "
-                              f"ids must be unique (or pass --on-duplicate keep-first). Nothing was committed; "
-                              f"a rerun reuses the encoded shards")
+        dup = Duplicates()
+        if cfg.corpus.on_duplicate == "error":
+            repeats = sum((m.read or {}).get("skipped_duplicate", 0) for m in ordered)
+            if repeats:  # splits written earlier under keep-first; `check_unique_ids` normally says this first
+                raise CorpusError(f"{corpus_label(cfg)}: {repeats} repeated passage id(s) were dropped inside "
+                                  f"splits; ids must be unique, or pass --on-duplicate keep-first. Nothing was "
+                                  f"committed; a rerun with that flag reuses every encoded shard")
+        else:  # keep-first: the later copies across splits are tombstoned
+            log.info("phase: dedupe")
+            dup = find_duplicates(cfg.store, cfg.storage_options,
+                                  [(m.shard, m.path, list(m.too_long_ids or ())) for m in ordered
+                                   if m.path or m.too_long_ids], cfg.execution.task_cpus)
         log.info("phase: commit")
         return self._commit(ordered, dup, sum(m.passages_in for m in new_markers))
 
@@ -353,7 +397,7 @@ class _Commit:
         skipped = {k.removeprefix("skipped_"): v for k, v in read.items() if k.startswith("skipped_")}
         skipped["too_long"] = too_long
         counts = {"passages_in": read["rows_read"], "accepted": read["accepted"], "written": written,
-                  "skipped": skipped, "truncated": total.truncated, "tokens": total.tokens,
+                  "skipped": skipped, "truncated": total.truncated, "tokens": total.tokens - dup.loser_tokens,
                   "raw_code_bytes": total.raw_code_bytes}
         artifacts = {"compressor": {"path": comp_rel, "sha256": comp_sha, "bytes": comp_bytes}}
         dead: dict[str, set[int]] = {}

@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.config import RunConfig, digest
 from pipeline.corpus.source import Corpus
 from pipeline.workers.update_scan import (CorpusIds, SplitDiff, assemble_slices, diff_corpus, hash_array, in_sorted,
-                                  parent_rows, plan_slices, superseded)
+                                          parent_rows, plan_slices, shard_rows, superseded)
 from storage import manifest as mf
 from storage import tombstones
 from storage.errors import OperationFailed
@@ -53,6 +53,29 @@ def diff(old_ids: np.ndarray, old_hashes, new_ids: np.ndarray, new_hashes) -> Di
     differs = old_h[io] != new_h[inn]
     return Diff(new=np.setdiff1d(new_ids, common, assume_unique=True), changed=common[differs],
                 deleted=np.setdiff1d(old_ids, common, assume_unique=True), unchanged=common[~differs])
+
+
+def reusable_shards(want_ids: np.ndarray, want_hashes: np.ndarray,
+                    shards: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[bool], np.ndarray]:
+    """Pure: which earlier delta shards this update can take whole, and the ids they cover (sorted).
+
+    A shard qualifies when every row (id, content hash) is one this update must encode and no shard
+    taken before it holds that row: its codes are then exactly what encoding again would write."""
+    order = np.argsort(want_ids, kind="stable")
+    ids, hashes = np.asarray(want_ids, np.int64)[order], hash_array(want_hashes)[order]
+    claimed = np.zeros(ids.size, bool)
+    take = []
+    for shard_ids, shard_hashes in shards:
+        if ids.size == 0 or shard_ids.size == 0:
+            take.append(False)
+            continue
+        pos = np.minimum(np.searchsorted(ids, shard_ids), ids.size - 1)
+        ok = bool(((ids[pos] == shard_ids) & (hashes[pos] == hash_array(shard_hashes)) & ~claimed[pos]).all())
+        ok = ok and np.unique(pos).size == pos.size
+        if ok:
+            claimed[pos] = True
+        take.append(ok)
+    return take, ids[claimed]
 
 
 # ---------------------------------------------------------------- orchestration
@@ -184,28 +207,36 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
             f"({', '.join(f'{k}: {have.get(k)!r} -> {want.get(k)!r}' for k in keys)}). Old and new states are never "
             f"mixed in one version: run `precompute run` for a full recompute into a new version instead.")
     d = plan.diff
-    run_id = digest({"fingerprint": prep.fingerprint, "parent": parent.version, "corpus": scan.digest,
-                     "shard_size": cfg.execution.shard_size})
+    # Named by what the delta's codes depend on (model, codec, corpus, sharding) and then the parent: an
+    # attempt on another parent (one that lost a race to commit) is a sibling whose shards are reused below.
+    content_id = digest({"fingerprint": prep.fingerprint, "corpus": scan.digest,
+                         "shard_size": cfg.execution.shard_size})
+    run_id = f"{content_id}-v{parent.version}"
     ctx = dataclasses.replace(prep.ctx, run_dir=f"runs/update-{run_id}")
     encode = d.to_encode
     n_delta = int(encode.size)
-    # rows each split contributes once later duplicates are dropped (what assembly will write)
-    slices = plan_slices([p.new.size + p.changed.size if p.staged else 0 for p in parts],
-                         cfg.execution.shard_size or 10_000)
+    earlier, drop = _earlier_attempts(store, cfg, parent, content_id, ctx.run_dir, parts, scan.drop)
+    # rows each split contributes once later duplicates and reused rows are dropped (what assembly will write)
+    slices = plan_slices([p.new.size + p.changed.size - _size(drop.get(p.index)) + _size(scan.drop.get(p.index))
+                          if p.staged else 0 for p in parts], cfg.execution.shard_size or 10_000)
     n_shards = len(slices)
     markers = finished_markers(store, cfg.storage_options, ctx.run_dir, n_shards, cfg.execution.task_cpus)
     pending = [k for k in range(n_shards) if k not in markers]
-    log.info("update %s on version %d: %s; %d delta shards, %d already done", run_id, parent.version, d.counts(),
-             n_shards, n_shards - len(pending))
+    log.info("update %s on version %d: %s; %d delta shards to write, %d already done, %d reused from an earlier "
+             "attempt", run_id, parent.version, d.counts(), n_shards, n_shards - len(pending), len(earlier))
     if pending:
-        assemble_slices(store, parts, scan.drop, ctx.run_dir, slices, pending, cfg.execution.row_group_size,
+        assemble_slices(store, parts, drop, ctx.run_dir, slices, pending, cfg.execution.row_group_size,
                         cfg.execution.task_cpus)
-        done, _ = encode_splits(ctx, [{"index": k} for k in pending], encode_stage)
+        log.info("phase: encode")
+        with runner.ProgressWatch(store, ctx.run_dir, set(markers), len(pending), cfg.execution.shard_size or 10_000,
+                                  t0, total_rows=n_delta) as watch:
+            done, _ = encode_splits(ctx, [{"index": k} for k in pending], encode_stage)
+            watch.finish(done)
         markers.update({m.shard: m for m in done})
         missing = [k for k in pending if k not in markers]
         if missing:
             raise RuntimeError(f"delta shards {missing[:10]} produced no output; rerun to retry them")
-    ordered = [markers[k] for k in range(n_shards)]
+    ordered = earlier + [markers[k] for k in range(n_shards)]
     delta_shards = shard_entries(ordered)
 
     # tombstones: the old rows of changed and deleted ids, in the shards that hold them
@@ -235,8 +266,49 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
                                                      run_dir=ctx.run_dir)).manifest
     return UpdateSummary(store=store.display_url, version=manifest.version, parent=parent.version, counts=d.counts(),
                          passages_encoded_this_run=sum(markers[k].passages_in for k in pending),
-                         shards_resumed=n_shards - len(pending), index_action=index_action,
+                         shards_resumed=n_shards - len(pending) + len(earlier), index_action=index_action,
                          wall_seconds=time.perf_counter() - t0)
+
+
+def _size(a: np.ndarray | None) -> int:
+    return 0 if a is None else int(a.size)
+
+
+def _earlier_attempts(store: Store, cfg: RunConfig, parent: mf.Manifest, content_id: str, run_dir: str,
+                      parts: list[SplitDiff], later_copies: dict[int, np.ndarray]):
+    """Finished delta shards of uncommitted attempts at this same update on another parent (an update that
+    lost the race to commit, rerun): the ones this update can take whole, and per split the ids to leave
+    out of assembly (those shards' rows plus the later copies of duplicate ids).
+
+    One listing of runs/, then the candidates' markers and id/hash columns: the cost follows the delta."""
+    from pipeline.workers.sink import finished_markers
+
+    drop = {k: v for k, v in later_copies.items()}
+    mine = run_dir.split("/", 1)[1]
+    referenced = {p.split("/")[1] for p in parent.referenced_paths() if p.startswith("runs/")}
+    siblings = [d for d in (x.split("/")[-1] for x in store.list_dirs("runs"))
+                if d.startswith(f"update-{content_id}-v") and d != mine and d not in referenced]
+    found = [m for d in siblings
+             for _, m in sorted(finished_markers(store, cfg.storage_options, f"runs/{d}", None,
+                                                 cfg.execution.task_cpus).items())]
+    found = [m for m in found if m.file is not None and not m.too_long_ids]
+    if not found:
+        return [], drop
+    want = [(p.encode_ids, p.encode_hashes, later_copies.get(p.index)) for p in parts if p.encode_ids is not None]
+    ids = np.concatenate([i[~np.isin(i, x)] if x is not None else i for i, _, x in want]) if want else np.empty(0, np.int64)
+    hashes = np.concatenate([h[~np.isin(i, x)] if x is not None else h for i, h, x in want]) if want else np.empty(0, "S16")
+    rows = shard_rows(store, [m.file.path for m in found], cfg.execution.task_cpus)
+    take, covered = reusable_shards(ids, hashes, rows)
+    earlier = [m for m, ok in zip(found, take) if ok]
+    for p in parts:
+        if p.encode_ids is not None and covered.size:
+            hit = p.encode_ids[in_sorted(covered, p.encode_ids)]
+            if hit.size:
+                drop[p.index] = np.union1d(drop.get(p.index, np.empty(0, np.int64)), hit)
+    if earlier:
+        log.info("reusing %d delta shard(s) (%d passages) encoded by an earlier attempt at this update (%s)",
+                 len(earlier), int(covered.size), ", ".join(sorted({m.file.path.split("/")[1] for m in earlier})))
+    return earlier, drop
 
 
 def _update_index(cfg, store: Store, run_dir: str, parent: mf.Manifest, d: Diff, delta_dpr: list[dict],

@@ -104,14 +104,19 @@ class ShardSink(Datasink):
 
 # ---------------------------------------------------------------- resume
 
-def finished_markers(store: Store, storage_options: dict, run_dir: str, n_splits: int, task_cpus: float,
+def finished_markers(store: Store, storage_options: dict, run_dir: str, n_splits: int | None, task_cpus: float,
                      only: list[int] | None = None, group: int = 256) -> dict[int, ShardMarker]:
-    """One listing of the run directory finds the finished splits; Ray tasks read their markers."""
+    """One listing of the run directory finds the finished splits; Ray tasks read their markers.
+
+    `n_splits` None: every marker the listing shows (an earlier attempt whose plan is not known here)."""
     import ray
 
     listing = {f.path: f.size for f in store.walk_files(run_dir)}
-    splits = range(n_splits) if only is None else only
-    wanted = [marker_path(run_dir, k) for k in splits if marker_path(run_dir, k) in listing]
+    if n_splits is None and only is None:
+        wanted = [p for p in listing if p.endswith(".done.json") and p == marker_path(run_dir, shard_of(p))]
+    else:
+        splits = range(n_splits or 0) if only is None else only
+        wanted = [marker_path(run_dir, k) for k in splits if marker_path(run_dir, k) in listing]
     if not wanted:
         return {}
     task = ray.remote(num_cpus=task_cpus)(read_finished)

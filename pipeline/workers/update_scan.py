@@ -73,6 +73,8 @@ class SplitDiff:
     digest: str
     staged: str | None
     staged_rows: int
+    encode_hashes: np.ndarray | None = None  # content hashes of new + changed, in the order of `encode_ids`
+    encode_ids: np.ndarray | None = None     # what this split would have encoded (its ids, file order)
 
 
 def _diff_task(corpus_cfg: CorpusConfig, options: dict, store_url: str, store_options: dict, splits: list[dict],
@@ -99,7 +101,7 @@ def _diff_task(corpus_cfg: CorpusConfig, options: dict, store_url: str, store_op
             staged = f"{stage_dir}/split-{s['index']:06d}-{read.digest[:16]}.parquet"
             write_shard(store, staged, t.filter(pa.array(encode)).drop_columns(["split"]), None, row_group_size)
         out.append(SplitDiff(s["index"], ids, ids[~known], ids[changed], read.counts.to_dict(), read.digest,
-                             staged, int(encode.sum())))
+                             staged, int(encode.sum()), hashes[encode], ids[encode]))
     return out
 
 
@@ -180,6 +182,25 @@ def parent_rows(store: Store, shards: list[dict], dead: dict[str, np.ndarray],
             for i in range(0, len(shards), SHARDS_PER_TASK)]
     got = ray.get(refs)
     return np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
+
+
+def _rows_task(store_url: str, options: dict, paths: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    store = Store(store_url, options)
+    out = []
+    for path in paths:
+        t = read_rows(store, path, columns=["id", "content_hash"])
+        out.append((t.column("id").to_numpy(), hash_array(t.column("content_hash"))))
+    return out
+
+
+def shard_rows(store: Store, paths: list[str], task_cpus: float = 0.5) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, content hashes) of each states shard in `paths`, read in Ray tasks (results follow the shards)."""
+    import ray
+
+    task = ray.remote(num_cpus=task_cpus)(_rows_task)
+    refs = [task.remote(store.url, store.storage_options, paths[i:i + SHARDS_PER_TASK])
+            for i in range(0, len(paths), SHARDS_PER_TASK)]
+    return [rows for part in ray.get(refs) for rows in part]
 
 
 def _dead_task(store_url: str, options: dict, shards: list[tuple[str, np.ndarray]], remove: np.ndarray) -> dict:
