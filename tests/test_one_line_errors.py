@@ -18,7 +18,7 @@ from jobs.cli import main as cli
 from pipeline.config import RunConfig, run_config_from_dict
 from pipeline.corpus.rows import CorpusError
 from storage.errors import OperationFailed, UsageError, find_product_error
-from storage.fs import Location, Throttled, Unreachable
+from storage.fs import Location
 from tests.conftest import S3_SECRET, make_bucket, s3_options, s3_server_process, write_tsv
 from tests.flaky_proxy import FlakyProxy
 
@@ -121,6 +121,8 @@ def test_backend_failures_are_recognised_wherever_they_are_raised():
     from botocore.exceptions import ClientError, EndpointConnectionError
     from s3fs.errors import translate_boto_error
 
+    from storage.fs import Throttled, Unreachable
+
     where = Location("corpus", "s3://user:pw@b/c.tsv", {"endpoint_url": "http://h.example:9000"})
     slow = ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."}}, "GetObject")
     as_s3fs = translate_boto_error(slow)  # OSError(EBUSY) caused by the ClientError
@@ -148,12 +150,12 @@ def test_backend_failures_are_recognised_wherever_they_are_raised():
     (b"id\ttext\r\ttitle\n1\tsome text\tT\n", "carriage return"),
     (b"\x1f\x8b\x08\x00\r\x00\x00\tid\n\x00\x01\x02\n", "binary data"),  # gzip bytes under a .tsv name
 ])
-def test_a_tsv_header_with_a_stray_cr_or_binary_data_is_one_line_before_ray(tmp_path, content, expected):
+def test_a_tsv_header_with_a_stray_cr_or_binary_data_is_one_line_before_ray(tmp_path, tiny_model, content, expected):
     corpus = tmp_path / "c.tsv"
     corpus.write_bytes(content)
     store = tmp_path / "store"
-    p = _precompute(["run", "--store", str(store), "--corpus", str(corpus), "--layers", "1", "--dims", "8"],
-                    no_ray=True)
+    p = _precompute(["run", "--store", str(store), "--corpus", str(corpus), "--model", tiny_model, "--layers", "1",
+                     "--dims", "8"], no_ray=True)
     line = _one_error_line(p)
     assert p.returncode == 2, line
     assert str(corpus) in line and expected in line, line
@@ -229,13 +231,13 @@ def test_job_files_and_updates_name_what_their_user_wrote():
 # ---------------------------------------------------------------- 5. an empty corpus file
 
 
-def test_an_empty_corpus_file_fails_before_ray_starts(tmp_path):
+def test_an_empty_corpus_file_fails_before_ray_starts(tmp_path, tiny_model):
     corpus = tmp_path / "empty.tsv"
     corpus.write_bytes(b"")
     store = tmp_path / "store"
     for extra in ([], ["--dry-run"]):
-        p = _precompute(["run", "--store", str(store), "--corpus", str(corpus), "--layers", "1", "--dims", "8",
-                         *extra], no_ray=True)
+        p = _precompute(["run", "--store", str(store), "--corpus", str(corpus), "--model", tiny_model, "--layers", "1",
+                         "--dims", "8", *extra], no_ray=True)
         line = _one_error_line(p)
         assert p.returncode == 2, line
         assert f"{corpus}: empty file" in line and "ray.init" not in p.stderr, line
