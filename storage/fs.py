@@ -146,7 +146,7 @@ def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> N
         if _no_credentials(exc):
             hint = ("no credentials found: set them in the environment (e.g. AWS_ACCESS_KEY_ID and "
                     "AWS_SECRET_ACCESS_KEY), a profile, or an instance role")
-        elif backend_failure(exc) and backend_failure(exc)[0] != "denied":
+        elif (backend_failure(exc) or ("denied",))[0] != "denied":
             raise where.refused(exc) from exc  # unreachable, or throttled past retries: said the same everywhere
         elif isinstance(exc, PermissionError) or backend_failure(exc):
             hint = "permission denied: the credentials cannot write under this prefix"
