@@ -8,7 +8,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.schema import ATTENTION_CHOICES, CHOICES, ConfigError, build, check_choice, check_device  # noqa: F401
+from pipeline.schema import (ATTENTION_CHOICES, CHOICES, ConfigError, InvalidValue, build, check_choice,  # noqa: F401
+                             check_device)
 
 BUNDLED_MODEL = "bundled:all-minilm-l6-v2"
 BUNDLED_CORPUS = "bundled:wiki_passages_2k"
@@ -50,9 +51,9 @@ class CorpusConfig:
         for key in ("format", "on_empty", "on_invalid_utf8", "on_malformed", "on_duplicate"):
             check_choice(key, getattr(self, key))
         if self.limit is not None and self.limit < 1:
-            raise ConfigError("limit must be at least 1")
+            raise InvalidValue("limit", self.limit, ": must be at least 1 (or unset for the whole corpus)")
         if self.max_field_bytes < 64:
-            raise ConfigError(f"max_field_bytes={self.max_field_bytes}: at least 64 (a header line must fit)")
+            raise InvalidValue("max_field_bytes", self.max_field_bytes, ": at least 64 (a header line must fit)")
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,9 @@ class ModelConfig:
     def __post_init__(self):
         check_choice("on_too_long", self.on_too_long)
         if self.layers < 1:
-            raise ConfigError(f"layers={self.layers}: the input component needs at least one layer")
+            raise InvalidValue("layers", self.layers, ": the input component needs at least one layer")
         if self.max_length is not None and self.max_length < 8:
-            raise ConfigError(f"max_length={self.max_length}: at least 8 tokens (or unset for the model's maximum)")
+            raise InvalidValue("max_length", self.max_length, ": at least 8 tokens (or unset for the model's maximum)")
 
     @property
     def path(self) -> str:
@@ -99,15 +100,15 @@ class CompressionConfig:
         if self.zstd_level is None:
             object.__setattr__(self, "zstd_level", 3 if self.codec == "linear" else 0)
         if self.dims is not None and self.dims < 1:
-            raise ConfigError(f"dims={self.dims} must be positive")
+            raise InvalidValue("dims", self.dims, " must be positive")
         if not 2 <= self.bits <= 8:
-            raise ConfigError(f"bits={self.bits}: codes are stored in int8, so 2..8 bits")
+            raise InvalidValue("bits", self.bits, ": codes are stored in int8, so 2..8 bits")
         if not 0 <= self.zstd_level <= 22:
-            raise ConfigError(f"zstd_level={self.zstd_level} must be 0 (off) or 1..22")
+            raise InvalidValue("zstd_level", self.zstd_level, " must be 0 (off) or 1..22")
         if self.fit_sample < 2:
-            raise ConfigError("fit_sample must be at least 2 passages")
+            raise InvalidValue("fit_sample", self.fit_sample, ": at least 2 passages")
         if self.pq_m < 1 or (self.dims is not None and self.codec == "pq" and self.dims % self.pq_m):
-            raise ConfigError(f"pq_m={self.pq_m} must be a positive divisor of dims={self.dims}")
+            raise InvalidValue("pq_m", self.pq_m, " must be a positive divisor of {dims}", {"dims": self.dims})
 
 
 @dataclass(frozen=True)
@@ -128,15 +129,17 @@ class ExecutionConfig:
         check_device(self.device)
         check_choice("attention", self.attention)
         if self.compile and self.attention == "mask":
-            raise ConfigError("compile=true needs attention=packed or auto (it compiles the packed layers)")
-        if (self.shard_size is not None and self.shard_size < 1) or (self.token_budget is not None and self.token_budget < 1) or self.row_group_size < 1:
-            raise ConfigError("shard_size, token_budget and row_group_size must be positive")
+            raise InvalidValue("compile", True, " needs {attention} or auto (it compiles the packed layers)",
+                               {"attention": "packed"})
+        for key in ("shard_size", "token_budget", "row_group_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise InvalidValue(key, getattr(self, key), " must be positive")
         for key in ("num_encoders", "torch_threads"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"{key}={getattr(self, key)} must be at least 1 (or unset for the default)")
+                raise InvalidValue(key, getattr(self, key), " must be at least 1 (or unset for the default)")
         for key in ("task_cpus", "encoder_cpus"):
             if not 0 < getattr(self, key) <= 1024:
-                raise ConfigError(f"{key}={getattr(self, key)}: CPUs declared to Ray must be in (0, 1024]")
+                raise InvalidValue(key, getattr(self, key), ": CPUs declared to Ray must be in (0, 1024]")
 
 
 DEFAULT_DPR_CTX = "facebook/dpr-ctx_encoder-single-nq-base"
@@ -157,8 +160,9 @@ class DprConfig:
     def __post_init__(self):
         check_choice("pooling", self.pooling)
         check_choice("dtype", self.dtype)
-        if self.train_sample < 1 or self.nprobe < 1:
-            raise ConfigError(f"train_sample={self.train_sample} and nprobe={self.nprobe} must be at least 1")
+        for key in ("train_sample", "nprobe"):
+            if getattr(self, key) < 1:
+                raise InvalidValue(key, getattr(self, key), " must be at least 1")
 
     @property
     def question(self) -> str:
@@ -249,14 +253,22 @@ def run_flags() -> dict[tuple[str, str], str]:
     return {**flags, **{key: flag for key, (flag, _) in LOCATION_OPTIONS.items()}}
 
 
+def section_names(names: dict[tuple[str, str], str] | None, section: str) -> dict[str, str] | None:
+    """One section's part of a (section, field) -> name table: what `build` names its fields by."""
+    return {f: name for (s, f), name in names.items() if s == section} if names else None
+
+
 def _options(value: Any, where: str) -> dict[str, Any] | None:
     if value is not None and not isinstance(value, dict):
         raise ConfigError(f"{where}: must be a mapping of fsspec options")
     return value
 
 
-def run_config_from_dict(body: dict[str, Any]) -> RunConfig:
-    """Build a RunConfig from a job file's mapping; unknown or mistyped keys are named."""
+def run_config_from_dict(body: dict[str, Any], names: dict[tuple[str, str], str] | None = None) -> RunConfig:
+    """Build a RunConfig from a job file's mapping; unknown or mistyped keys are named.
+
+    A value out of range is named by its key (`model.layers=0`), or by `names[(section, field)]` where the
+    mapping came from somewhere else: `run_flags()` for `precompute run`, whose users never saw the keys."""
     if not isinstance(body, dict):
         raise ConfigError("the job config must be a mapping with keys store, corpus, model, compression, execution")
     unknown = set(body) - set(_SECTIONS) - {"store", "storage_options"}
@@ -278,7 +290,8 @@ def run_config_from_dict(body: dict[str, Any]) -> RunConfig:
         if located:  # this location's options: a RunConfig field, kept out of the section
             raw = dict(raw)
             options[located[1]] = _options(raw.pop("storage_options", None), f"{name}.storage_options")
-        sections[name] = build(cls, raw, f"{name}.", {"storage_options": dict} if located else None)
+        sections[name] = build(cls, raw, f"{name}.", {"storage_options": dict} if located else None,
+                               section_names(names, name))
     options["corpus_storage_options"] = options.get("corpus_storage_options") or {}
     return RunConfig(store=str(body["store"]), storage_options=_options(body.get("storage_options"), "storage_options")
                      or {}, **options, **sections)

@@ -35,11 +35,13 @@ UPDATE_REQUIRED = ("store", "corpus")
 REBUILD_FRACTION = 0.2  # rebuild and retrain the index above this share of changed passages
 
 
-def inherit_config(parent: Mapping[str, Any], version: int, request: Mapping[str, Any]) -> RunConfig:
+def inherit_config(parent: Mapping[str, Any], version: int, request: Mapping[str, Any],
+                   flags: bool = False) -> RunConfig:
     """The parent version's recorded config, with the new corpus and whatever the request overrides.
 
     A trial run's `limit` is never inherited: it would hide the rest of the new corpus. The compressor
-    is always the parent's artifact (the update reuses it), never a file named at the first run."""
+    is always the parent's artifact (the update reuses it), never a file named at the first run. An
+    override out of range is named as the request gave it: its flag (`flags`, the CLI) or its key."""
     body = copy.deepcopy(dict(parent))
     if not body:
         raise ConfigError(f"version {version} records no config; pass the run's flags explicitly")
@@ -53,20 +55,27 @@ def inherit_config(parent: Mapping[str, Any], version: int, request: Mapping[str
         body["corpus"]["limit"] = None
     body["compression"]["compressor"] = None
     body["execution"]["ray_address"] = request.get("address") or None
+    names = {}
     for key, (section, field) in UPDATE_OVERRIDES.items():
         if request.get(key) is not None:
             body[section][field] = request[key]
-    return run_config_from_dict(body)
+            names[(section, field)] = "--" + key.replace("_", "-") if flags else key
+    return run_config_from_dict(body, names)
 
 
-def update_config(request: Mapping[str, Any]) -> RunConfig:
-    """`precompute update` / `jobs.update`: check the request, read the newest version, inherit its config."""
+def update_config(request: Mapping[str, Any], flags: bool = False) -> RunConfig:
+    """`precompute update` / `jobs.update`: check the request, read the newest version, inherit its config,
+    and check the corpus's files before anything starts (the update starts Ray before it plans the corpus:
+    an empty file or a missing column would otherwise be found only once the cluster is up)."""
+    from pipeline.corpus.source import Corpus
     from storage import manifest as mf
     from storage.fs import Store
 
     request = check_mapping(request, UPDATE_SCHEMA, required=UPDATE_REQUIRED)
     parent = mf.load(Store(request["store"], request.get("storage_options") or {}))
-    return inherit_config(parent.extra.get("config") or {}, parent.version, request)
+    cfg = inherit_config(parent.extra.get("config") or {}, parent.version, request, flags)
+    Corpus(cfg.corpus, cfg.corpus_storage_options).check()
+    return cfg
 
 
 # ---------------------------------------------------------------- index

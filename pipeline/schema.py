@@ -15,6 +15,38 @@ class ConfigError(UsageError, ValueError):
     """A configuration value is invalid; the message names the key."""
 
 
+class InvalidValue(ConfigError):
+    """One field's value is out of range. It keeps the field's name apart from the message, so each front end
+    names it its own way: a job file by its key (`model.layers=0`), the CLI by its flag (`--layers 0`).
+
+    `why` follows the name: ": at least one layer" or " must be positive"; `{other}` in it names another
+    field of the same section, with `others[other]` as its value. The arguments are the exception's args,
+    so it crosses a process boundary (pickle) intact."""
+
+    def __init__(self, key: str, value: Any, why: str, others: Mapping[str, Any] | None = None,
+                 where: str = "", names: Mapping[str, str] | None = None):
+        super().__init__(key, value, why, dict(others or {}), where, dict(names or {}))
+
+    def __str__(self) -> str:
+        key, value, why, others, where, names = self.args
+        return _named(key, value, where, names) + why.format(**{k: _named(k, v, "", names) for k, v in others.items()})
+
+    def named(self, where: str = "", names: Mapping[str, str] | None = None) -> "InvalidValue":
+        """The same error, its fields named under `where` (a job file's section) or by `names` (field -> flag)."""
+        key, value, why, others, _, _ = self.args
+        return InvalidValue(key, value, why, others, where, names)
+
+
+def _named(key: str, value: Any, where: str, names: Mapping[str, str]) -> str:
+    """`--flag value` where a flag names the field (`--flag` alone for a switch that is on), else `key=value`
+    (the key as `names` gives it: a flat job's own key, or under `where`, the job file's section)."""
+    shown = str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+    name = names.get(key)
+    if name and name.startswith("-"):
+        return name if value is True else f"{name} {shown}"
+    return f"{name or where + key}={shown}"
+
+
 ATTENTION_CHOICES = ("auto", "mask", "packed")  # how the encoder batches: see pipeline/model/packed_attention.py
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -90,12 +122,16 @@ def dataclass_schema(cls) -> dict[str, type | None]:
     return {f.name: _expected_type(f) for f in dataclasses.fields(cls)}
 
 
-def build(cls, body: Mapping[str, Any], where: str = "", extra: Schema | None = None):
-    """`cls(**body)` after the type check; the class's own checks' errors get `where` in front."""
+def build(cls, body: Mapping[str, Any], where: str = "", extra: Schema | None = None,
+          names: Mapping[str, str] | None = None):
+    """`cls(**body)` after the type check; the class's own checks' errors get `where` in front, or name the
+    field by `names` (field -> the flag it came from) when the CLI filled `body`."""
     check_mapping(body, {**dataclass_schema(cls), **(extra or {})}, where)
     try:
         return cls(**body)
     except TypeError as exc:
         raise ConfigError(f"{where.rstrip('.')}: {exc}") from exc
+    except InvalidValue as exc:
+        raise exc.named(where, names) from exc
     except ConfigError as exc:
         raise ConfigError(f"{where}{exc}") from exc

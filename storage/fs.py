@@ -7,6 +7,7 @@ manifest written on S3 reads the same when the store is mirrored to a local dire
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -20,7 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 
-from storage.errors import OperationFailed, PrecomputeError, UsageError
+from storage.errors import (OPTION_FLAGS, OperationFailed, PrecomputeError, UsageError, backend_failure,
+                            endpoint_named, throttle_hint, unreachable_reason)
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +128,8 @@ def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> N
     if not url or not str(url).strip():
         raise UsageError("store URL is empty: pass --store PATH or s3://bucket/prefix")
     shown = redact_url(str(url))
-    try:
-        fs, root = fsspec.core.url_to_fs(str(url).rstrip("/"), **(storage_options or {}))
-    except (ValueError, ImportError, TypeError) as exc:
-        raise UsageError(f"store {shown}: cannot open it ({type(exc).__name__}: {exc})") from exc
+    where = Location("store", str(url), dict(storage_options or {}))
+    fs, root = where.filesystem(str(url).rstrip("/"))
     if "file" in _protocols(fs):
         path = os.path.abspath(root)
         while not os.path.exists(path):
@@ -146,7 +146,9 @@ def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> N
         if _no_credentials(exc):
             hint = ("no credentials found: set them in the environment (e.g. AWS_ACCESS_KEY_ID and "
                     "AWS_SECRET_ACCESS_KEY), a profile, or an instance role")
-        elif isinstance(exc, PermissionError):
+        elif (backend_failure(exc) or ("denied",))[0] != "denied":
+            raise where.refused(exc) from exc  # unreachable, or throttled past retries: said the same everywhere
+        elif isinstance(exc, PermissionError) or backend_failure(exc):
             hint = "permission denied: the credentials cannot write under this prefix"
         elif isinstance(exc, FileNotFoundError):
             hint = "the bucket does not exist"
@@ -171,7 +173,7 @@ def read_url(where: Location, limit: int = 1 << 30) -> bytes:
     shown = where.display_url
     with where.refusals_named():
         try:
-            fs, path = fsspec.core.url_to_fs(where.url, **where.options)
+            fs, path = where.filesystem()
             size = fs.size(path)
             if size is not None and size > limit:
                 raise UsageError(f"{where.role}: {shown} is {size:,} bytes, more than the {limit:,} expected")
@@ -187,8 +189,8 @@ def read_url(where: Location, limit: int = 1 << 30) -> bytes:
 
 def write_url(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """A whole small file outside any store (a tool's output): complete or absent, never half written."""
+    fs, path = filesystem(str(url), storage_options, "output")
     try:
-        fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
         _put(fs, path, data, "file" in _protocols(fs))
     except (OSError, TypeError, ValueError) as exc:
         raise UsageError(f"cannot write {redact_url(str(url))} ({type(exc).__name__}: {_scrub(str(exc), url)})") from exc
@@ -205,9 +207,28 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts)
 
 
-# Where a user sets each location's fsspec options (the job files' keys are the same names: see README).
-OPTION_FLAGS = {"store": "--storage-options", "corpus": "--corpus-storage-options",
-                "compressor": "--compressor-storage-options"}
+# fsspec backends a plain install lacks, and the extra of this package that brings each.
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+def filesystem(url: str, options: dict[str, Any] | None = None, role: str = "store"):
+    """fsspec's (filesystem, path) for `url`; a backend that is not installed, or options it does not take,
+    are one line naming the location (and the extra that installs the backend)."""
+    shown = redact_url(str(url))
+    try:
+        return fsspec.core.url_to_fs(str(url), **(options or {}))
+    except ImportError as exc:
+        proto = str(url).split("://", 1)[0].lower() if "://" in str(url) else "file"
+        extra = _EXTRAS.get(proto)
+        how = (f"pip install 'decoupled-precompute[{extra}]'" if extra
+               else f"install the fsspec backend for {proto}:// ({exc})")
+        raise UsageError(f"{role} {shown}: {proto}:// URLs need a package that is not installed: {how}") from exc
+    except (ValueError, TypeError) as exc:
+        flag = OPTION_FLAGS.get(role)
+        raise UsageError(f"{role} {shown}: cannot open it ({type(exc).__name__}: {_scrub(str(exc), str(url))})"
+                         + (f" (check {flag})" if flag else "")) from exc
+
+
 _NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError", "DefaultCredentialsError")
 
 
@@ -216,7 +237,18 @@ def _no_credentials(exc: BaseException) -> bool:
 
 
 class AccessRefused(UsageError):
-    """A backend refused a location's credentials (or found none): one line naming the location and its flag."""
+    """A backend said no to a location: refused its credentials (or found none), could not be reached, or kept
+    throttling it. One line naming the location and its flag; the run's driver re-raises it from a worker too."""
+
+
+class Unreachable(AccessRefused):
+    """A location's endpoint does not answer (refused, timed out, no DNS): most often a wrong endpoint_url."""
+
+
+class Throttled(AccessRefused, OperationFailed):
+    """The service kept answering "slow down" after the client's retries: the settings were fine, the work
+    could not complete now."""
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -243,14 +275,35 @@ class Location:
     def display_url(self) -> str:
         return redact_url(str(self.url))
 
+    def filesystem(self, url: str | None = None):
+        """fsspec's (filesystem, path) for `url` (default: this location's), with this location's options alone."""
+        return filesystem(url or self.url, self.options, self.role)
+
+    @property
+    def endpoint(self) -> str | None:
+        """The endpoint_url the options name (redacted), if any."""
+        opts = self.options
+        raw = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
+        return redact_url(str(raw)) if raw else None
+
     def refused(self, exc: BaseException, url: str | None = None) -> AccessRefused | None:
-        """The backend's "no" (no credentials, access denied) as one line naming this location, else None."""
+        """The backend's "no" (no credentials, access denied, unreachable, throttled past its retries) as one
+        line naming this location and the flag that holds its options, else None."""
         shown = redact_url(str(url or self.url))
         flag = OPTION_FLAGS[self.role]
         if _no_credentials(exc):
             return AccessRefused(f"{self.role}: no credentials found for {shown} (check {flag}, the environment, "
                                  f"a profile or an instance role; {{\"anon\": true}} for a public bucket)")
-        if isinstance(exc, PermissionError):
+        kind, culprit = backend_failure(exc) or (None, exc)
+        if kind == "unreachable":
+            at = self.endpoint or endpoint_named(culprit)
+            return Unreachable(f"{self.role}: cannot reach {shown}{f' at {at}' if at else ''}: "
+                               f"{unreachable_reason(culprit)} ({type(culprit).__name__}); check endpoint_url in "
+                               f"{flag}, and that the service is up")
+        if kind == "throttled":
+            return Throttled(f"{self.role}: {shown}: the service kept throttling requests after retries "
+                             f"({type(culprit).__name__}); {throttle_hint(flag)}")
+        if isinstance(exc, PermissionError) or kind == "denied":
             local = "://" not in shown or shown.startswith("file://")
             return AccessRefused(f"{self.role}: access denied for {shown} "
                                  f"({'check the file permissions' if local else f'check {flag}'})")
@@ -276,6 +329,16 @@ class FileInfo:
     size: int
 
 
+def _named(method):
+    """A Store method whose backend refusals (no credentials, access denied, unreachable, throttled) become
+    one line naming the store and --storage-options, whichever command or worker called it."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self.where.refusals_named():
+            return method(self, *args, **kwargs)
+    return call
+
+
 class Store:
     """A directory or bucket prefix reached through fsspec."""
 
@@ -284,7 +347,8 @@ class Store:
             raise ValueError("store URL is empty: pass --store PATH or s3://bucket/prefix")
         self.url = str(url).rstrip("/")
         self.storage_options = dict(storage_options or {})  # for workers to open the same store; never logged
-        self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.where = Location("store", self.url, self.storage_options)
+        self.fs, root = self.where.filesystem()
         self.root = root.rstrip("/")
         self.is_local = "file" in _protocols(self.fs)
         if self.is_local:
@@ -303,15 +367,19 @@ class Store:
             raise ValueError(f"path escapes the store root: {rel!r}")
         return posixpath.join(self.root, rel) if rel else self.root
 
+    @_named
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.full(rel))
 
+    @_named
     def size(self, rel: str) -> int:
         return int(self.fs.size(self.full(rel)))
 
+    @_named
     def open(self, rel: str, mode: str = "rb"):
         return self.fs.open(self.full(rel), mode)
 
+    @_named
     def open_ranges(self, rel: str):
         """For reads of a few byte ranges (Parquet footers and row groups): no read-ahead on remote
         stores, where s3fs would otherwise fetch a 50 MB block (the whole shard) for each range."""
@@ -319,6 +387,7 @@ class Store:
             return self.open(rel)
         return self.fs.open(self.full(rel), "rb", cache_type="none")
 
+    @_named
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.full(rel))
 
@@ -326,10 +395,12 @@ class Store:
         if self.is_local:
             os.makedirs(self.full(rel), exist_ok=True)
 
+    @_named
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Whole-object write that readers never see half done (temp + rename locally; one PUT on S3)."""
         _put(self.fs, self.full(rel), data, self.is_local)
 
+    @_named
     def create_exclusive(self, rel: str, data: bytes) -> None:
         """Create `rel` only if absent; raise AlreadyExists otherwise.
 
@@ -355,6 +426,7 @@ class Store:
                 raise AlreadyExists(rel) from exc
             raise
 
+    @_named
     def list(self, rel_dir: str) -> list[FileInfo]:
         """Files directly under `rel_dir` (empty if it does not exist)."""
         base = self.full(rel_dir)
@@ -371,6 +443,7 @@ class Store:
                 out.append(FileInfo(self.relative(e["name"]), int(e.get("size") or 0)))
         return sorted(out, key=lambda f: f.path)
 
+    @_named
     def list_dirs(self, rel_dir: str) -> list[str]:
         """Directories directly under `rel_dir` (relative paths, sorted; empty if it does not exist): one listing."""
         base = self.full(rel_dir)
@@ -383,6 +456,7 @@ class Store:
             self.fs.invalidate_cache(base)
         return sorted(self.relative(e["name"]) for e in entries if e.get("type") == "directory")
 
+    @_named
     def walk_files(self, rel_dir: str = "") -> list[FileInfo]:
         base = self.full(rel_dir)
         # A listing is always fresh and leaves nothing cached: s3fs keeps listings in a per-process
@@ -408,9 +482,11 @@ class Store:
             raise ValueError(f"{full_path!r} is not under the store root {root!r}")
         return full_path[len(root):].lstrip("/")
 
+    @_named
     def remove(self, rel: str) -> None:
         self.fs.rm_file(self.full(rel))
 
+    @_named
     def read_verified(self, entry: dict) -> bytes:
         """The whole object at entry['path'], only if its size and sha256 match the entry."""
         try:
@@ -424,6 +500,7 @@ class Store:
         """The file's path on this machine when the store is a local directory (to mmap it), else None."""
         return self.full(rel) if self.is_local else None
 
+    @_named
     def upload_file(self, local_path: str, rel: str) -> dict:
         """Stream a local file into the store, hashing as it goes: {path, sha256, bytes}.
 
@@ -435,6 +512,7 @@ class Store:
             n, sha = _copy_hashing(src, out)
         return {"path": rel, "sha256": sha, "bytes": n}
 
+    @_named
     def check_file(self, entry: dict, checksum: bool = True) -> None:
         """Raise IntegrityError unless the file at entry['path'] has the entry's size and (when
         `checksum`) sha256; the hash is streamed, and skipped when the size already differs."""
@@ -446,6 +524,7 @@ class Store:
         if checksum:
             check_entry(entry, size, self.sha256(entry["path"]))
 
+    @_named
     def download_verified(self, entry: dict, local_path: str) -> None:
         """Stream entry['path'] to local_path, which appears only if size and sha256 match the entry."""
         try:
@@ -455,6 +534,7 @@ class Store:
         with src, _atomic_local(local_path) as out:
             check_entry(entry, *_copy_hashing(src, out))
 
+    @_named
     def sha256(self, rel: str) -> str:
         with self.open(rel, "rb") as fh:
             return _copy_hashing(fh)[1]

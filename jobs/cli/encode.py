@@ -27,9 +27,9 @@ def run_body(a) -> dict:
 
 
 def cmd_run(a) -> int:
-    from pipeline.config import run_config_from_dict
+    from pipeline.config import run_config_from_dict, run_flags
 
-    cfg = run_config_from_dict(run_body(a))
+    cfg = run_config_from_dict(run_body(a), run_flags())  # a value out of range is named by its flag
     if a.dry_run:
         return print_plan(cfg, o.gpu_assumptions(a), a.json)
     return run_and_report(cfg, a.summary_json)
@@ -119,14 +119,16 @@ def add_run(sub) -> None:
 def cmd_update(a) -> int:
     from pipeline.job_requests import UPDATE_SCHEMA
 
-    return update_and_report(o.request(a, UPDATE_SCHEMA), o.gpu_assumptions(a) if a.dry_run else None, a.json)
+    return update_and_report(o.request(a, UPDATE_SCHEMA), o.gpu_assumptions(a) if a.dry_run else None, a.json,
+                             flags=True)
 
 
-def update_and_report(request: dict, gpu, as_json: bool = False) -> int:
-    """An update from its request (CLI flags or `jobs.update`'s YAML); with `gpu` assumptions, its dry run."""
+def update_and_report(request: dict, gpu, as_json: bool = False, flags: bool = False) -> int:
+    """An update from its request (CLI flags or `jobs.update`'s YAML); with `gpu` assumptions, its dry run.
+    `flags`: the request came from the command line, so errors name flags rather than keys."""
     from pipeline.job_requests import update_config
 
-    cfg = update_config(request)
+    cfg = update_config(request, flags)
     if gpu is not None:
         return _print_update_plan(cfg, gpu, as_json)
     from pipeline.flows.update import run_update

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.config import BUNDLED_CORPUS, BUNDLED_MODEL, CorpusConfig, ModelConfig
-from pipeline.schema import CHOICES, ConfigError
+from pipeline.config import BUNDLED_CORPUS, BUNDLED_MODEL, CorpusConfig, ModelConfig, run_flags, section_names
+from pipeline.schema import CHOICES, ConfigError, build
 
 
 def storage_options(raw: str | None, flag: str = "--storage-options") -> dict:
@@ -160,15 +160,17 @@ def tristate(value: str) -> bool | None:
 
 
 def model_cfg(a) -> ModelConfig:
-    return ModelConfig(name=a.model, revision=a.model_revision, layers=a.layers, max_length=a.max_length,
-                       on_too_long=a.on_too_long)
+    """The --model group's settings; a value out of range is named by its flag, as `run` names it."""
+    return build(ModelConfig, dict(name=a.model, revision=a.model_revision, layers=a.layers, max_length=a.max_length,
+                                   on_too_long=a.on_too_long), names=section_names(run_flags(), "model"))
 
 
 def corpus_cfg(a) -> CorpusConfig:
-    return CorpusConfig(url=a.corpus, format=a.format, id_column=a.id_column, title_column=a.title_column,
-                        text_column=a.text_column, hf_split=a.hf_split, on_empty=a.on_empty,
-                        on_invalid_utf8=a.on_invalid_utf8, on_malformed=a.on_malformed,
-                        on_duplicate=a.on_duplicate, limit=a.limit, max_field_bytes=a.max_field_bytes)
+    return build(CorpusConfig, dict(url=a.corpus, format=a.format, id_column=a.id_column, title_column=a.title_column,
+                                    text_column=a.text_column, hf_split=a.hf_split, on_empty=a.on_empty,
+                                    on_invalid_utf8=a.on_invalid_utf8, on_malformed=a.on_malformed,
+                                    on_duplicate=a.on_duplicate, limit=a.limit, max_field_bytes=a.max_field_bytes),
+                 names=section_names(run_flags(), "corpus"))
 
 
 def corpus(a):

@@ -3,6 +3,7 @@ the check that a file did not change between planning and reading."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Iterator
 
@@ -15,13 +16,15 @@ from pipeline.corpus.rows import CorpusChanged, CorpusError, RawRow
 from pipeline.corpus.splits import SourceFile, Split
 from storage.fs import Location, redact_url, version_key
 
+log = logging.getLogger(__name__)
+
 _EXT_FORMAT = {".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 
 
 def _list_files(where: Location, fmt: str) -> tuple[fsspec.AbstractFileSystem, dict[str, dict]]:
     """One listing: every corpus file with its size and version, in path order."""
     url = where.url
-    fs, path = fsspec.core.url_to_fs(url, **where.options)
+    fs, path = where.filesystem()
     if any(c in path for c in "*?["):
         found = fs.glob(path, detail=True)
     elif fs.isdir(path):
@@ -36,7 +39,31 @@ def _list_files(where: Location, fmt: str) -> tuple[fsspec.AbstractFileSystem, d
     formats = {_format_of(f, fmt) for f in found}
     if len(formats) != 1:
         raise CorpusError(f"{redact_url(url)} mixes formats {sorted(formats)}; pass one format at a time")
-    return fs, found
+    return fs, _without_empty_files(found, url, formats.pop())
+
+
+_EXPECTED = {"tsv": "a header row id<TAB>text<TAB>title", "jsonl": "one JSON object per line",
+             "parquet": "a Parquet file"}
+
+
+def _without_empty_files(found: dict[str, dict], url: str, fmt: str) -> dict[str, dict]:
+    """Zero-byte files, dealt with on the driver before anything starts (the workers would meet them only
+    after Ray and the model are up). A zero-byte file holds no passages (a TSV not even its header):
+    when every file is empty it is an error naming one; beside files that hold data it is skipped, and
+    the skips are counted in the log (a partitioned dump often has empty part files)."""
+    empty = [p for p, info in found.items() if not int(info.get("size") or 0)]
+    if not empty:
+        return found
+    expected = _EXPECTED.get(fmt, "passages")
+    if len(empty) == len(found):
+        if len(empty) == 1:
+            raise CorpusError(f"{redact_url(empty[0])}: empty file (0 bytes; expected {expected})")
+        raise CorpusError(f"{redact_url(url)}: all {len(empty)} corpus files are empty (0 bytes; expected "
+                          f"{expected}), e.g. {redact_url(empty[0])}")
+    log.warning("corpus %s: skipped %d empty file(s) of %d (0 bytes, no passages): %s%s", redact_url(url),
+                len(empty), len(found), ", ".join(redact_url(p) for p in empty[:5]), " …" if len(empty) > 5 else "")
+    skipped = set(empty)
+    return {p: info for p, info in found.items() if p not in skipped}
 
 
 def _format_of(path: str, fmt: str, quiet: bool = False) -> str | None:

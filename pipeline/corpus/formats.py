@@ -27,6 +27,39 @@ _MAP_HINT = ("Map columns with --id-column/--title-column/--text-column (--title
              "without titles)")
 
 
+def csv_problem(exc: csv.Error) -> str:
+    """The csv module's complaint in the user's terms: its "universal-newline mode" advice is about Python."""
+    text = str(exc)
+    if "new-line character" in text:
+        return "a carriage return (\\r) inside an unquoted field"
+    if "NUL" in text:
+        return "a NUL byte (binary data)"
+    return text
+
+
+def parse_header(line: bytes, path: str) -> list[str]:
+    """A TSV file's first line as its column names, or a CorpusError naming the file and what to fix: a stray
+    carriage return or binary data there would otherwise surface as the csv module's traceback."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise CorpusError(f"{path}: the header line is binary data ({'NUL bytes' if text else 'not UTF-8'}), not a "
+                          f"UTF-8 TSV header: is the file UTF-16, compressed without a .gz/.zst extension, or in "
+                          f"another format? Save it as UTF-8 text, or pass --format jsonl|parquet")
+    if "\r" in text.rstrip("\r\n"):
+        raise CorpusError(f"{path}: the header line holds a carriage return (\\r) before its end (old Mac or "
+                          f"mixed line endings): convert the file to LF line endings (e.g. dos2unix) and rerun")
+    try:
+        return next(csv.reader([text], delimiter="\t"))
+    except StopIteration:
+        raise CorpusError(f"{path}: empty header line (expected a header row id<TAB>text<TAB>title)") from None
+    except csv.Error as exc:
+        raise CorpusError(f"{path}: unreadable header line ({csv_problem(exc)}); expected tab-separated column "
+                          f"names such as id<TAB>text<TAB>title") from exc
+
+
 def _lines(fh, start: int, end: int, limit: int) -> Iterator[tuple[int, bytes | None]]:
     """(byte offset, line with its terminator) of every line that begins in [start, end).
 
@@ -95,7 +128,7 @@ class FormatReader:
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         if self._fs is None:
-            self._fs = fsspec.core.url_to_fs(self.url, **self.where.options)[0]
+            self._fs = self.where.filesystem()[0]
         return self._fs
 
     def _unreadable(self, path: str, exc: BaseException, message: str) -> Exception:
@@ -158,10 +191,7 @@ class FormatReader:
         path, limit = split.path, 3 * self.cfg.max_field_bytes
         csv.field_size_limit(self.cfg.max_field_bytes)
         header_line = self._first_line(path, limit)  # a fresh handle: zstd streams cannot seek back
-        try:
-            header = next(csv.reader([header_line.decode("utf-8", "surrogateescape")], delimiter="\t"))
-        except (StopIteration, csv.Error) as exc:
-            raise CorpusError(f"{path}: unreadable header ({exc})") from exc
+        header = parse_header(header_line, path)
         idx = self._header_index(header, path)
         width = len(header)
         base = self._line_base(path, split.start)
@@ -180,7 +210,7 @@ class FormatReader:
                 try:
                     row = next(csv.reader([decoded], delimiter="\t"))
                 except csv.Error as exc:
-                    yield bad_row(where, offset, str(exc))
+                    yield bad_row(where, offset, csv_problem(exc))
                     continue
             else:
                 row = decoded.rstrip("\r\n").split("\t")
@@ -217,9 +247,7 @@ class FormatReader:
                 continue
             path = self.url if self.bundled else first.path
             if fmt == "tsv":
-                line = self._first_line(path, limit)
-                header = next(csv.reader([line.decode("utf-8", "surrogateescape")], delimiter="\t"), [])
-                self._header_index(header, first.path)
+                self._header_index(parse_header(self._first_line(path, limit), first.path), first.path)
                 continue
             with self._open(path) as fh:
                 for _, line in _lines(fh, 0, -1, limit):
