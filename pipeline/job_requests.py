@@ -64,18 +64,14 @@ def inherit_config(parent: Mapping[str, Any], version: int, request: Mapping[str
 
 
 def update_config(request: Mapping[str, Any], flags: bool = False) -> RunConfig:
-    """`precompute update` / `jobs.update`: check the request, read the newest version, inherit its config,
-    and check the corpus's files before anything starts (the update starts Ray before it plans the corpus:
-    an empty file or a missing column would otherwise be found only once the cluster is up)."""
-    from pipeline.corpus.source import Corpus
+    """`precompute update` / `jobs.update`: check the request, read the newest version, inherit its config.
+    (The update plans its corpus before Ray starts: an empty file or a missing column fails first.)"""
     from storage import manifest as mf
     from storage.fs import Store
 
     request = check_mapping(request, UPDATE_SCHEMA, required=UPDATE_REQUIRED)
     parent = mf.load(Store(request["store"], request.get("storage_options") or {}))
-    cfg = inherit_config(parent.extra.get("config") or {}, parent.version, request, flags)
-    Corpus(cfg.corpus, cfg.corpus_storage_options).check()
-    return cfg
+    return inherit_config(parent.extra.get("config") or {}, parent.version, request, flags)
 
 
 # ---------------------------------------------------------------- index

@@ -245,15 +245,22 @@ def test_an_empty_corpus_file_fails_before_ray_starts(tmp_path, tiny_model):
 
 
 def test_an_update_checks_its_corpus_files_before_anything_starts(tmp_path, monkeypatch):
-    from pipeline import job_requests
+    from pipeline.config import CorpusConfig, ExecutionConfig
+    from pipeline.corpus.source import Corpus
+    from pipeline.flows.update import plan_update
+    from pipeline.workers import dataflow
     from storage import manifest as mf
+    from storage.fs import Store
 
-    parent = type("Parent", (), {"version": 1, "extra": {"config": RunConfig(store="s").public_dict()}})()
-    monkeypatch.setattr(mf, "load", lambda store, version=None: parent)
+    def no_ray(*_a, **_k):
+        raise AssertionError("Ray was started before the corpus was checked")
+
+    monkeypatch.setattr(dataflow, "init_ray", no_ray)
+    monkeypatch.setattr(mf, "load", lambda store, version=None: object())
     corpus = tmp_path / "empty.tsv"
     corpus.write_bytes(b"")
     with pytest.raises(CorpusError, match=f"{corpus}: empty file"):
-        job_requests.update_config({"store": str(tmp_path / "store"), "corpus": str(corpus)})
+        plan_update(Store(str(tmp_path / "store")), Corpus(CorpusConfig(url=str(corpus))), ExecutionConfig())
 
 
 def test_empty_files_beside_files_with_passages_are_skipped_and_counted(tmp_path, caplog):

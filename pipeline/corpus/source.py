@@ -99,15 +99,6 @@ class Corpus:
                  est, len(splits), rows)
         return CorpusPlan(files, splits, rows, est, digest)
 
-    def check(self) -> list[SourceFile]:
-        """What `plan` checks before anything starts (the listing, empty files, each format's columns), alone:
-        for a workflow that starts Ray before it plans the corpus (an update diffs against its parent first)."""
-        source = self._source()
-        with self.where.refusals_named():
-            files = source.files()
-            source.check_columns(files)
-        return files
-
     def policy(self) -> dict:
         """Everything besides the bytes that decides which rows a split accepts.
 

@@ -135,12 +135,13 @@ def plan_update(store: Store, corpus: Corpus, execution,
     from pipeline.workers.dataflow import init_ray
 
     manifest = mf.load(store)
+    corpus_plan = corpus.plan(execution.shard_size)  # before Ray: an empty file or a missing column fails first
     init_ray(execution.ray_address)
     t0 = time.perf_counter()
     old_ids, old_hashes = parent_rows(store, manifest.shards_of("states"), tombstones.of_version(store, manifest),
                                       execution.task_cpus)
     scan, parts = diff_corpus(corpus, execution.shard_size, old_ids, old_hashes, store if stage_dir else None,
-                              stage_dir, execution.row_group_size, execution.task_cpus)
+                              stage_dir, execution.row_group_size, execution.task_cpus, corpus_plan)
     del old_hashes
     changed = np.sort(np.concatenate([p.changed for p in parts])) if parts else np.empty(0, np.int64)
     old_ids.sort()

@@ -107,11 +107,13 @@ def _diff_task(corpus_cfg: CorpusConfig, options: dict, store_url: str, store_op
 
 def diff_corpus(corpus: Corpus, rows_per_split: int | None, parent_ids: np.ndarray, parent_hashes: np.ndarray,
                 store: Store | None = None, stage_dir: str | None = None, row_group_size: int = 128,
-                task_cpus: float = 0.5) -> tuple[CorpusIds, list[SplitDiff]]:
-    """One pass over the corpus in Ray tasks; with `stage_dir`, the rows to encode are staged as it goes."""
+                task_cpus: float = 0.5, plan: CorpusPlan | None = None) -> tuple[CorpusIds, list[SplitDiff]]:
+    """One pass over the corpus in Ray tasks; with `stage_dir`, the rows to encode are staged as it goes.
+
+    `plan`: the corpus planned already (before Ray started, so a bad file fails first); else planned here."""
     import ray
 
-    plan = corpus.plan(rows_per_split)
+    plan = plan or corpus.plan(rows_per_split)
     splits = [s.to_dict() for s in plan.splits]
     order = np.argsort(parent_ids, kind="stable")
     pid, phash = ray.put(parent_ids[order]), ray.put(parent_hashes[order])
