@@ -35,18 +35,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="precompute", description=(
         "Precompute the input component of a decoupled transformer over a passage corpus: encode with the "
         "lower N layers, compress token states, quantise, zstd-pack into versioned Parquet shards."))
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     level = p.add_mutually_exclusive_group()
-    level.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks with errors")
-    level.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    level.add_argument("-v", "--verbose", action="store_true",
+                       help="debug logging, Ray's own lines, progress bars, and tracebacks with errors")
+    level.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (Ray's too)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
     return p
 
 
+def package_version() -> str:
+    """The installed distribution's version; from a source checkout that is not installed, pyproject's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("decoupled-precompute")
+    except PackageNotFoundError:
+        import re
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
+        return found.group(1) if found else "unknown"
+
+
 def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """One format for every line on stderr, ours and Ray's (pipeline/workers/console routes Ray's
+    through it when Ray starts); -q leaves warnings and errors, -v adds DEBUG, Ray's INFO and bars."""
+    from pipeline.workers import console
+
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format=console.LOG_FORMAT, stream=sys.stderr)
     if verbose or quiet:  # also when a host (a test, a notebook) configured logging first
         logging.getLogger().setLevel(level)
     # Notices a user cannot act on: Ray's token auth being on; Ray Data saying its operator table is off
@@ -54,8 +75,10 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if not verbose:
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "filelock", "httpx", "transformers", "faiss", "faiss.loader"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    console.quiet_libraries()
+    console.progress_bars(verbose)
+    if not sys.stderr.isatty():  # Ray colours the lines it prints itself (where console cannot route them)
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def guarded(action, verbose: bool = False) -> int:

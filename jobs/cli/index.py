@@ -89,12 +89,23 @@ def cmd_answer(a) -> int:
           f"{reader.encoder.total_layers - reader.model_cfg.layers}, top {len(ans.passages)} for {ans.question!r}:")
     for rank, p in enumerate(ans.passages, 1):
         span = f'  "{p.span.text}" ({p.span.score:.2f})' if p.span else ""
-        print(f"{rank:3d}. {p.id:>10}  {p.dpr_score:8.4f}  {p.title}{span}")
+        score = f"{p.dpr_score:8.4f}" if p.dpr_score is not None else f"{'-':>8}"
+        print(f"{rank:3d}. {p.id:>10}  {score}  {p.title or ''}{span}")
+        print(f"       {snippet(p.text)}")
     if ans.best is not None:
         print(f'answer: "{ans.best.span.text}" (passage {ans.best.id}, {ans.best.title})')
     elif reader.qa_head is None:
-        print("(no QA head in this checkpoint: passages and final states only)")
+        print(f"no QA head in {reader.model_cfg.name}: the passages above are ranked by DPR and read by the upper "
+              f"layers, without answer spans. For spans, build the store from a checkpoint with a QA head "
+              f"(precompute run --model CKPT, an ...ForQuestionAnswering model) and answer with it (--model CKPT, "
+              f"default: the store's model)")
     return 0
+
+
+def snippet(text: str, width: int = 100) -> str:
+    """The start of a passage on one line: enough to tell the passages apart."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[:width - 1].rstrip() + "…"
 
 
 def add_plan_index(sub) -> None:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any, Callable
 
 from pipeline.corpus.rows import CorpusError
+from pipeline.workers import console
 from pipeline.workers.ingest import PrepareStage
 from pipeline.workers.sink import ShardSink
 from pipeline.workers.steps import EncodeStage, StageContext
@@ -21,17 +23,28 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(address: str | None) -> None:
+    """Start (or join) Ray with the driver's console settings: Ray's lines in our log format at
+    WARNING (INFO with -v), the workers' output re-emitted through our logging, and no notice that
+    does not apply. A Ray someone else started (a test, a notebook) is left as it is."""
     import ray
+    import ray.data
 
     if ray.is_initialized():
         return
+    loud = console.verbose()
+    level = logging.INFO if loud else logging.WARNING
+    console.route_ray_loggers(level)  # before ray.init, which logs that it started a local instance
+    kwargs = dict(logging_level=level, runtime_env=console.worker_runtime_env(loud))
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, **kwargs)
     else:
-        ray.init(logging_level=logging.WARNING, include_dashboard=False)
+        ray.init(include_dashboard=False, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.print_on_execution_start = False
+    console.route_ray_loggers(level)
+    console.route_worker_output()
+    console.absorb_restart_notice()
 
 
 def cluster_gpus() -> int:
@@ -56,6 +69,7 @@ def encode_splits(ctx: StageContext, splits: list[dict], encode_stage: type | No
     # Ray Data's operator table reads "0/?" until a block finishes: the run logs its own shard progress;
     # with -v the table is back
     data_ctx.enable_progress_bars = logging.getLogger().isEnabledFor(logging.DEBUG)
+    wait_for_free_cpu()
     try:
         ds = ray.data.from_items([{"split_json": json.dumps(s)} for s in splits], override_num_blocks=len(splits))
         ds = ds.map_batches(PrepareStage, fn_constructor_kwargs={"ctx": ctx}, batch_size=1, batch_format="pyarrow",
@@ -75,6 +89,21 @@ def encode_splits(ctx: StageContext, splits: list[dict], encode_stage: type | No
     finally:
         data_ctx.target_max_block_size, data_ctx.raise_original_map_exception, data_ctx.enable_progress_bars = saved
     return sink.markers, sink.result
+
+
+def wait_for_free_cpu(timeout_s: float = 5.0) -> bool:
+    """Ray Data warns that a Dataset "will hang" if the cluster shows no free CPU when it starts. Right
+    after tasks end (an update's assembly tasks, just before its encode), Ray's resource view still
+    counts them for a moment (~0.1 s, longer on a busy node): wait for it to catch up, so the check
+    sees the CPUs they freed. A cluster that stays full past `timeout_s` still gets Ray's warning."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while not ray.available_resources().get("CPU"):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def prepare_actors(ex, n_encoders: int) -> int:
