@@ -10,7 +10,8 @@ import logging
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from pipeline.config import BUNDLED_MODEL, CompressionConfig, CorpusConfig, ModelConfig, RunConfig, run_config_from_dict
+from pipeline.config import (BUNDLED_MODEL, CompressionConfig, CorpusConfig, DprConfig, ModelConfig, RunConfig,
+                             run_config_from_dict)
 from pipeline.schema import ConfigError, build, check_mapping
 from storage.estimate import Assumptions
 
@@ -110,7 +111,8 @@ class EstimateRequest:
     id_column: str = CorpusConfig.id_column
     title_column: str = CorpusConfig.title_column
     text_column: str = CorpusConfig.text_column
-    sample_size: int = 300
+    sample_size: int = 2000            # passages tokenised for tokens/passage (cheap)
+    zstd_sample_size: int = 300        # of those, passages encoded to measure the zstd ratio (the model runs)
     model: str = BUNDLED_MODEL
     layers: int = 3
     scale_bytes: float = 2.0
@@ -118,7 +120,8 @@ class EstimateRequest:
     per_passage_bytes: float = Assumptions.per_passage_bytes
     container_overhead: float = Assumptions.container_overhead
     dpr_dim: int = Assumptions.dpr_dim
-    index_bytes_per_vector: float = Assumptions.index_bytes_per_vector
+    index_factory: str = DprConfig.index_factory  # the run's; "none" = no index
+    index_bytes_per_vector: float = Assumptions.index_bytes_per_vector  # set: overrides the factory's model
     prices: dict | None = None         # tier -> $/GB-month, added to (or replacing) the list prices
 
     @classmethod
@@ -152,36 +155,67 @@ def _compression(req: EstimateRequest) -> CompressionConfig:
 
 def storage_estimate(req: EstimateRequest):
     """`precompute estimate`: tokens (measured on a sample corpus when one is named), the codec's layout, the
-    estimate. Storage's cost model knows bytes; the codec's layout and defaults are the pipeline's."""
+    estimate of every file a run writes. Storage's cost model knows bytes; the codec's layout and defaults,
+    the split plan and the run's index factory are the pipeline's."""
     from pipeline.codec.state_codec import planned_layout
-    from storage.estimate import codec_assumptions, estimate
+    from pipeline.corpus.splits import auto_rows_per_split
+    from storage.estimate import codec_artifact_bytes, codec_assumptions, estimate
 
     settings = _compression(req)
     tpp, ratio = req.tokens_per_passage, req.zstd_ratio
     if req.sample_corpus:
         tpp, measured = _measure_sample(req, settings, with_ratio=ratio is None)
         ratio = ratio if ratio is not None else measured
-    layout = planned_layout(req.codec, settings.dims or req.hidden, settings.quantize, req.pq_m)
+    stored = settings.dims or req.hidden
+    layout = planned_layout(req.codec, stored, settings.quantize, req.pq_m)
     codec = codec_assumptions(layout.estimate_fields(req.bits), req.codec == "linear", req.scale_bytes,
                               req.bitpacked, ratio)
     rest = {k: getattr(req, k) for k in ("passages", "hidden", "bitpacked", "token_id_bytes", "per_passage_bytes",
                                          "container_overhead", "dpr_dim", "index_bytes_per_vector")}
+    factory = "" if req.index_factory.strip().lower() in ("", "none") else req.index_factory.strip()
+    shards = -(-req.passages // auto_rows_per_split(req.passages)) if req.passages else 0
     try:
-        return estimate(Assumptions(tokens_per_passage=tpp, **rest, **codec))
+        artifact = codec_artifact_bytes(req.codec, req.hidden, stored, projected=req.dims is not None, opq=req.opq,
+                                        fit_sample=settings.fit_sample, id_digits=len(str(max(req.passages, 1))))
+        e = estimate(Assumptions(tokens_per_passage=tpp, **rest, **codec, index_factory=factory,
+                                 artifact_bytes=artifact, shards=shards))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    e.notes = _index_notes(factory, req)
+    return e
+
+
+def _index_notes(factory: str, req: EstimateRequest) -> list[str]:
+    """Where the run would refuse the priced index (a whole-built layout over too many vectors), say so."""
+    from pipeline.index.plan import whole_index_refusal
+
+    if not factory or not req.dpr_dim or req.index_bytes_per_vector or "IVF" in factory:
+        return []
+    refusal = whole_index_refusal(factory, req.passages, req.dpr_dim)
+    return [f"{refusal}; the {factory} index above is priced all the same"] if refusal else []
 
 
 def _measure_sample(req: EstimateRequest, settings: CompressionConfig, with_ratio: bool):
-    """Tokens per passage (and the code zstd ratio, if asked) from `sample_size` passages of the sample corpus."""
+    """Tokens per passage from `sample_size` passages of the sample corpus (tokenising only), and the code
+    zstd ratio, if asked, from the first `zstd_sample_size` of them (the encoder runs on those): a few
+    hundred passages settle the ratio, while tokens per passage needs more of the corpus to be unbiased."""
     from pipeline.corpus.source import Corpus
     from pipeline.flows.dry_run import measure_sample
 
-    corpus = Corpus(CorpusConfig(url=req.sample_corpus, limit=req.sample_size, id_column=req.id_column,
-                                 title_column=req.title_column, text_column=req.text_column),
-                    req.corpus_storage_options or {})
-    return measure_sample(ModelConfig(name=req.model, layers=req.layers), corpus, req.sample_size, settings,
-                          with_zstd_ratio=with_ratio)
+    if req.sample_size < 1 or req.zstd_sample_size < 1:
+        raise ConfigError("--sample-size and --zstd-sample-size must be at least 1")
+    model = ModelConfig(name=req.model, layers=req.layers)
+
+    def corpus(limit: int) -> Corpus:
+        return Corpus(CorpusConfig(url=req.sample_corpus, limit=limit, id_column=req.id_column,
+                                   title_column=req.title_column, text_column=req.text_column),
+                      req.corpus_storage_options or {})
+
+    tpp, _ = measure_sample(model, corpus(req.sample_size), req.sample_size, settings, with_zstd_ratio=False)
+    if not with_ratio:
+        return tpp, None
+    size = min(req.sample_size, req.zstd_sample_size)
+    return tpp, measure_sample(model, corpus(size), size, settings, with_zstd_ratio=True)[1]
 
 
 

@@ -6,19 +6,29 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from storage.fs import Store
-from storage.manifest import Manifest
+from storage.manifest import Manifest, sizes
 
 PER_PASSAGE_COLUMNS = ("id", "content_hash", "n_tokens")
 
 
 @dataclass
 class Footprint:
-    passages: int = 0
+    passages: int = 0       # rows in the states shards, tombstoned ones included (their bytes are still there)
     tokens: int = 0
     file_bytes: int = 0
     columns: dict[str, int] = field(default_factory=dict)   # compressed column-chunk bytes
     raw_codes: int = 0                                        # uncompressed code bytes (codes before zstd)
     n_tokens: list[int] = field(default_factory=list)         # per passage, for intervals
+    tombstoned: int = 0     # states rows this version no longer counts (an update's superseded rows)
+    dpr_rows: int = 0
+    dpr_bytes: int = 0
+    index: dict = field(default_factory=dict)                 # the dpr_index entry: factory, dim, ntotal
+    index_bytes: int = 0
+    other_bytes: int = 0    # the codec file, tombstones, shard tables: what does not grow with passages
+
+    @property
+    def live(self) -> int:
+        return self.passages - self.tombstoned
 
     @property
     def container(self) -> int:
@@ -31,7 +41,10 @@ class Footprint:
 
 
 def measure(store: Store, manifest: Manifest) -> Footprint:
+    from storage import tombstones
+
     fp = Footprint()
+    dead = tombstones.of_version(store, manifest)
     for shard in manifest.shards_of("states"):
         with store.open(shard["path"]) as fh:
             pf = pq.ParquetFile(fh)
@@ -45,9 +58,33 @@ def measure(store: Store, manifest: Manifest) -> Footprint:
             fp.n_tokens += pf.read(columns=["n_tokens"]).column("n_tokens").to_pylist()
         fp.file_bytes += shard["bytes"]
         fp.passages += shard["rows"]
+        fp.tombstoned += len(dead.get(shard["path"], ()))
     fp.tokens = int(sum(fp.n_tokens))
     fp.raw_codes = int(manifest.counts.get("raw_code_bytes", 0))
+    dpr = manifest.shards_of("dpr")
+    fp.dpr_rows, fp.dpr_bytes = sum(s["rows"] for s in dpr), sum(s["bytes"] for s in dpr)
+    size = sizes(manifest)
+    fp.index = {k: v for k, v in manifest.artifacts.get("dpr_index", {}).items() if k in ("factory", "dim", "ntotal")}
+    fp.index_bytes, fp.other_bytes = size.index, size.other
     return fp
+
+
+def extrapolate(fp: Footprint, states_bytes: float, target_passages: int) -> dict[str, float]:
+    """Every component at `target_passages` like these: the states (the caller's per-passage extrapolation),
+    the DPR shards per stored row, the index by its factory's model (per vector where it is not modelled),
+    and the codec file and other small files as they are (they do not grow with the corpus)."""
+    from storage.estimate import index_bytes
+
+    out = {"states": float(states_bytes)}
+    if fp.dpr_rows:
+        out["dpr_embeddings"] = fp.dpr_bytes / fp.dpr_rows * target_passages
+    if fp.index_bytes:
+        try:
+            out["dpr_index"] = index_bytes(fp.index["factory"], target_passages, int(fp.index["dim"]))
+        except (KeyError, TypeError, ValueError):
+            out["dpr_index"] = fp.index_bytes / max(int(fp.index.get("ntotal") or fp.dpr_rows or 1), 1) * target_passages
+    out["other"] = float(fp.other_bytes)
+    return out
 
 
 @dataclass
@@ -64,6 +101,11 @@ class Validation:
     target_bytes: float
     target_interval: tuple[float, float]
     target_bytes_at_150: float
+    target_components: dict[str, float] = field(default_factory=dict)  # every component at target_passages
+
+    @property
+    def target_total(self) -> float:
+        return sum(self.target_components.values())
 
     @property
     def ok(self) -> bool:
@@ -101,4 +143,5 @@ def validate(fp: Footprint, layout_fields: dict, target_passages: int, tolerance
                       relative_error=(m_tok - e_tok) / e_tok, tolerance=tolerance, tokens_per_passage=tpp,
                       zstd_ratio=zstd_ratio, target_passages=target_passages, target_bytes=total,
                       target_interval=(total - half, total + half),
-                      target_bytes_at_150=target_passages * (per_tok_rate * 150 + per_pass_fixed))
+                      target_bytes_at_150=target_passages * (per_tok_rate * 150 + per_pass_fixed),
+                      target_components=extrapolate(fp, total, target_passages))

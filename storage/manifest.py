@@ -111,7 +111,7 @@ class Manifest:
 class Sizes:
     """A version's bytes in one vocabulary, for the run summary, the commit log, `validate` and the README.
 
-    MB are decimal (10^6 bytes), as object stores bill them."""
+    Units are decimal (KB = 10^3 bytes, MB = 10^6 ...), as object stores bill them."""
     states: int
     states_shards: int
     dpr: int
@@ -134,13 +134,15 @@ class Sizes:
                 "total_bytes": self.total}
 
     def render(self) -> str:
-        parts = [f"states {self.states / 1e6:,.2f} MB in {self.states_shards} shards"]
+        from storage.estimate import fmt_size  # the one size renderer: B, KB, MB, GB, TB as the amount needs
+
+        parts = [f"states {fmt_size(self.states)} in {self.states_shards} shards"]
         if self.dpr_shards:
-            parts.append(f"DPR embeddings {self.dpr / 1e6:,.2f} MB in {self.dpr_shards} shards")
+            parts.append(f"DPR embeddings {fmt_size(self.dpr)} in {self.dpr_shards} shards")
         if self.index:
-            parts.append(f"FAISS index {self.index / 1e6:,.2f} MB")
-        parts.append(f"other {self.other / 1e6:,.2f} MB")
-        return f"{self.total / 1e6:,.2f} MB in all: " + ", ".join(parts)
+            parts.append(f"FAISS index {fmt_size(self.index)}")
+        parts.append(f"other {fmt_size(self.other)}")
+        return f"{fmt_size(self.total)} in all: " + ", ".join(parts)
 
 
 def sizes(manifest: "Manifest") -> Sizes:
@@ -364,6 +366,9 @@ class GcReport:
     removed: list[str]
     bytes_removed: int
     dry_run: bool
+    held_back: list[str] = field(default_factory=list)  # unreferenced, but younger than min_age_s: left alone
+    bytes_held_back: int = 0
+    min_age_s: float = 0.0
 
 
 def collect_garbage(store: Store, keep_last: int | None = None, dry_run: bool = False,
@@ -387,7 +392,7 @@ def collect_garbage(store: Store, keep_last: int | None = None, dry_run: bool = 
     referenced |= {version_path(v) for v in kept}
     retired = [version_path(v) for v in versions if v not in kept]
     now = time.time()
-    removed, nbytes = [], 0
+    removed, nbytes, held, held_bytes = [], 0, [], 0
     for info in store.walk_files():
         if info.path in referenced:
             continue
@@ -395,6 +400,8 @@ def collect_garbage(store: Store, keep_last: int | None = None, dry_run: bool = 
         if is_manifest and info.path not in retired:
             continue  # never touch a version file we did not decide to retire
         if not is_manifest and min_age_s > 0 and now - _mtime(store, info.path) < min_age_s:
+            held.append(info.path)  # reported: a dry run's "0 files" must not hide them
+            held_bytes += info.size
             continue
         removed.append(info.path)
         nbytes += info.size
@@ -404,7 +411,8 @@ def collect_garbage(store: Store, keep_last: int | None = None, dry_run: bool = 
     if not dry_run:
         for path in removed:
             store.remove(path)
-    return GcReport(kept_versions=kept, removed=removed, bytes_removed=nbytes, dry_run=dry_run)
+    return GcReport(kept_versions=kept, removed=removed, bytes_removed=nbytes, dry_run=dry_run, held_back=held,
+                    bytes_held_back=held_bytes, min_age_s=min_age_s)
 
 
 def _mtime(store: Store, rel: str) -> float:

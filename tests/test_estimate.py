@@ -18,11 +18,12 @@ def test_paper_figures_only_fit_one_byte_per_value_in_binary_units():
 
 def test_estimate_components_add_up_and_state_their_assumptions():
     a = Assumptions(passages=1000, tokens_per_passage=100, dims=192, bits=8, zstd_ratio=1.0,
-                    scale_bytes=2, token_id_bytes=2, per_passage_bytes=40, container_overhead=0.0, dpr_dim=0)
+                    scale_bytes=2, scale_zstd_ratio=1, token_id_bytes=2, per_passage_bytes=40, container_per_passage=0,
+                    dpr_dim=0)
     e = estimate(a)
     assert e.components["codes"] == 1000 * 100 * 192 == bare_codes(1000, 100, 192, 1)
     assert e.per_token() == pytest.approx(192 + 2 + 2 + 0.4)
-    fp16 = estimate(Assumptions(passages=1000, tokens_per_passage=100, bits=16, dpr_dim=0, container_overhead=0))
+    fp16 = estimate(Assumptions(passages=1000, tokens_per_passage=100, bits=16, dpr_dim=0, container_per_passage=0))
     assert fp16.components["codes"] == 1000 * 100 * 192 * 2 and fp16.components["scales"] == 0
     packed5 = estimate(Assumptions(passages=10, tokens_per_passage=10, bits=5, bitpacked=True, dpr_dim=0))
     assert packed5.components["codes"] == pytest.approx(10 * 10 * 192 * 5 / 8)

@@ -138,4 +138,4 @@ def test_progress_line_and_sizes_render():
     s = Sizes(states=25_510_000, states_shards=3, dpr=2_530_000, dpr_shards=3, index=3_590_000, other=10_000)
     assert s.total == 31_640_000 and Sizes.from_dict(s.to_dict()) == s
     assert s.render() == ("31.64 MB in all: states 25.51 MB in 3 shards, DPR embeddings 2.53 MB in 3 shards, "
-                          "FAISS index 3.59 MB, other 0.01 MB")
+                          "FAISS index 3.59 MB, other 10.00 KB")

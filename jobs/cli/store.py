@@ -40,9 +40,12 @@ def cmd_lookup(a) -> int:
     for pid, ps in found.items():
         arrays[f"token_ids_{pid}"] = ps.token_ids
         arrays[f"states_{pid}"] = ps.states
-    o.write_npz(a.out, arrays)
-    print(f"version {reader.version}: wrote {len(found)} passage(s) to {a.out}"
-          + (f"; not in this version: {missing[:20]}{' …' if len(missing) > 20 else ''}" if missing else ""))
+    absent = f"not in this version: {missing[:20]}{' …' if len(missing) > 20 else ''}"
+    if not found:  # nothing to write: an existing --out is left as it was, not replaced by an empty file
+        print(f"version {reader.version}: none of the {len(ids)} id(s) found, {a.out} not written; {absent}")
+        return EXIT_MISSING
+    o.write_npz(a.out, arrays)  # atomic: complete or absent (storage.fs.write_url)
+    print(f"version {reader.version}: wrote {len(found)} passage(s) to {a.out}" + (f"; {absent}" if missing else ""))
     return 0 if not missing else EXIT_MISSING
 
 
@@ -65,11 +68,23 @@ def cmd_verify(a) -> int:
 def cmd_gc(a) -> int:
     from storage import manifest as mf
 
+    from storage.estimate import fmt_size
+
     r = mf.collect_garbage(o.store(a), keep_last=a.keep_last, dry_run=a.dry_run, min_age_s=a.min_age)
     verb = "would remove" if r.dry_run else "removed"
     for p in r.removed:
         log.info("%s %s", verb, p)
-    print(f"kept versions {r.kept_versions or 'none'}; {verb} {len(r.removed)} file(s), {r.bytes_removed / 1e6:.2f} MB")
+    for p in r.held_back:
+        log.info("held back by --min-age: %s", p)
+    held = (f"; held back by --min-age {r.min_age_s:g} s (younger, a run may still be writing them): "
+            f"{len(r.held_back)} file(s), {fmt_size(r.bytes_held_back)}" if r.held_back else "")
+    if a.json:
+        print(json.dumps({"kept_versions": r.kept_versions, "dry_run": r.dry_run, "removed": r.removed,
+                          "bytes_removed": r.bytes_removed, "held_back": r.held_back,
+                          "bytes_held_back": r.bytes_held_back, "min_age_s": r.min_age_s}, indent=1))
+        return 0
+    print(f"kept versions {r.kept_versions or 'none'}; {verb} {len(r.removed)} file(s), {fmt_size(r.bytes_removed)}"
+          + held)
     return 0
 
 
@@ -81,7 +96,7 @@ def validate_and_report(store, version: int | None, target_passages: int, tolera
     """Bytes written vs the estimate (`precompute validate`, and `jobs.storage` with a store)."""
     from pipeline.codec.state_codec import codec_for_store
     from storage import manifest as mf
-    from storage.estimate import GB, GiB, TiB
+    from storage.estimate import fmt_bytes, fmt_size
     from storage.footprint import measure, validate
 
     m = mf.load(store, version)
@@ -96,9 +111,11 @@ def validate_and_report(store, version: int | None, target_passages: int, tolera
     except ValueError as exc:
         raise ConfigError(f"version {m.version}: {exc}") from exc
     if as_json:
-        print(json.dumps({**v.__dict__, "ok": v.ok}, indent=1))
+        print(json.dumps({**v.__dict__, "ok": v.ok, "live_passages": fp.live, "stored_passages": fp.passages,
+                          "tombstoned_passages": fp.tombstoned, "target_total_bytes": v.target_total}, indent=1))
     else:
-        print(f"version {m.version}: {fp.passages:,} passages, {fp.tokens:,} tokens "
+        held = f" ({fp.passages:,} stored, {fp.tombstoned:,} tombstoned)" if fp.tombstoned else ""
+        print(f"version {m.version}: {fp.live:,} live passages{held}, {fp.tokens:,} tokens stored "
               f"({v.tokens_per_passage:.1f}/passage); {mf.sizes(m).render()}")
         print(f"the states shards ({fp.file_bytes:,} bytes) against the estimate for {codec.describe()}; measured "
               f"zstd ratio on codes {v.zstd_ratio:.3f}")
@@ -108,11 +125,13 @@ def validate_and_report(store, version: int | None, target_passages: int, tolera
         print(f"{'total':<12} {v.measured_per_token:17.3f} {v.estimated_per_token:17.3f}   "
               f"difference {v.relative_error:+.2%} (tolerance {v.tolerance:.0%})")
         lo, hi = v.target_interval
-        print(f"\nExtrapolated to {v.target_passages:,} passages like these: {v.target_bytes / GB:,.1f} GB = "
-              f"{v.target_bytes / GiB:,.1f} GiB (95% interval {lo / GiB:,.2f}-{hi / GiB:,.2f} GiB, sampling only); at the paper's "
-              f"150 tokens/passage: {v.target_bytes_at_150 / GiB:,.1f} GiB")
-        print(f"Paper (32M x 150 tokens, bare codes): 3.4 TB = 768 x 1 B = {32e6 * 150 * 768 / TiB:.2f} TiB; "
-              f"858 GB = 192 x 1 B = {32e6 * 150 * 192 / GiB:.1f} GiB")
+        parts = ", ".join(f"{k} {fmt_size(b)}" for k, b in v.target_components.items())
+        print(f"\nExtrapolated to {v.target_passages:,} passages like these, every component: "
+              f"{fmt_bytes(v.target_total)} ({parts}; the DPR shards per stored row, the index by its factory, "
+              f"the codec file as it is)")
+        print(f"  of which the states shards: {fmt_bytes(v.target_bytes)} (95% interval {fmt_size(lo, True)}-"
+              f"{fmt_size(hi, True)}, sampling only); at the paper's 150 tokens/passage: "
+              f"{fmt_bytes(v.target_bytes_at_150)} of states")
     if not v.ok:
         log.error("measured bytes per token differ from the estimate by %.2f%% (> %.0f%%)",
                   100 * v.relative_error, 100 * v.tolerance)
@@ -143,7 +162,9 @@ def add_gc(sub) -> None:
     gc.add_argument("--dry-run", action="store_true")
     gc.add_argument("--keep-last", type=int, default=None, help="keep only the newest K versions (default: all)")
     gc.add_argument("--min-age", type=float, default=3600.0,
-                    help="leave unreferenced files younger than this many seconds (a run may still be writing)")
+                    help="leave unreferenced files younger than this many seconds (a run may still be writing); "
+                    "they are reported as held back")
+    gc.add_argument("--json", action="store_true", help="the report as JSON: removed and held-back files, bytes")
 
 
 def add_validate(sub) -> None:

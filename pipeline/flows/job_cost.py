@@ -67,7 +67,7 @@ class JobPlan:
         return asdict(self)
 
     def render(self) -> str:
-        cost = f" (~${self.gpu_cost_usd:,.0f})" if self.gpu_cost_usd is not None else ""
+        cost = f" (~{_usd(self.gpu_cost_usd)})" if self.gpu_cost_usd is not None else ""
         lines = [f"{self.job} plan",
                  f"  passages:  {self.passages:,}",
                  f"  shards:    {self.shards:,}",
@@ -86,11 +86,16 @@ def _hours(h: float) -> str:
     return f"{h:.3g}" if h >= 0.1 else f"{h:.2g} ({h * 3600:,.1f} GPU-seconds)"
 
 
+def _usd(x: float) -> str:
+    from storage.estimate import fmt_usd
+
+    return fmt_usd(x)
+
+
 def _fmt(n: float) -> str:
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
-        if abs(n) >= size:
-            return f"{n / size:,.2f} {unit}"
-    return f"{n:,.0f} B"
+    from storage.estimate import fmt_size  # the one size renderer (B, KB, MB, GB, TB)
+
+    return fmt_size(n)
 
 
 def encode_plan(job: str, passages: int, shard_size: int, tokens_per_passage: float, geometry: ModelGeometry,
