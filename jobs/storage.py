@@ -3,7 +3,7 @@
     python -m jobs.storage --config storage.yaml            # estimate (and validate, if `store` is set)
 
 Keys: passages, tokens_per_passage, hidden, dims, bits, zstd_ratio, sample_corpus (corpus_storage_options:
-its own fsspec options), dpr_dim, prices
+its own fsspec options; sample_size, zstd_sample_size), dpr_dim, index_factory ("none": no index), prices
 (mapping tier -> $/GB-month); store, storage_options, target_passages, tolerance for validation;
 layers, shard_size and plan (GPU assumptions) for --dry-run, which prints the encode plan for that
 corpus: passages, shards, GPU-hours and storage, from arithmetic alone.
@@ -16,7 +16,7 @@ from pipeline.schema import dataclass_schema
 
 # `precompute estimate`'s settings a job may set (the rest keep the estimate's defaults) ...
 ESTIMATE = ("passages", "tokens_per_passage", "hidden", "dims", "bits", "zstd_ratio", "sample_corpus",
-            "corpus_storage_options", "dpr_dim", "prices")
+            "corpus_storage_options", "sample_size", "zstd_sample_size", "dpr_dim", "index_factory", "prices")
 # ... `precompute validate`'s, and the dry run's
 VALIDATE = {"store": str, "storage_options": dict, "target_passages": int, "tolerance": (int, float)}
 PLAN = {"layers": int, "shard_size": int}
