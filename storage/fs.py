@@ -426,35 +426,27 @@ class Store:
                 raise AlreadyExists(rel) from exc
             raise
 
-    @_named
-    def list(self, rel_dir: str) -> list[FileInfo]:
-        """Files directly under `rel_dir` (empty if it does not exist)."""
+    def _entries(self, rel_dir: str) -> list[dict]:
+        """One fresh listing of what is directly under `rel_dir` (none if it does not exist)."""
         base = self.full(rel_dir)
         self.fs.invalidate_cache(base)
         try:
-            entries = self.fs.ls(base, detail=True)
+            return self.fs.ls(base, detail=True)
         except FileNotFoundError:
             return []
         finally:
             self.fs.invalidate_cache(base)  # see walk_files
-        out = []
-        for e in entries:
-            if e.get("type") == "file":
-                out.append(FileInfo(self.relative(e["name"]), int(e.get("size") or 0)))
-        return sorted(out, key=lambda f: f.path)
+
+    @_named
+    def list(self, rel_dir: str) -> list[FileInfo]:
+        """Files directly under `rel_dir` (empty if it does not exist)."""
+        return sorted((FileInfo(self.relative(e["name"]), int(e.get("size") or 0)) for e in self._entries(rel_dir)
+                       if e.get("type") == "file"), key=lambda f: f.path)
 
     @_named
     def list_dirs(self, rel_dir: str) -> list[str]:
         """Directories directly under `rel_dir` (relative paths, sorted; empty if it does not exist): one listing."""
-        base = self.full(rel_dir)
-        self.fs.invalidate_cache(base)
-        try:
-            entries = self.fs.ls(base, detail=True)
-        except FileNotFoundError:
-            return []
-        finally:
-            self.fs.invalidate_cache(base)
-        return sorted(self.relative(e["name"]) for e in entries if e.get("type") == "directory")
+        return sorted(self.relative(e["name"]) for e in self._entries(rel_dir) if e.get("type") == "directory")
 
     @_named
     def walk_files(self, rel_dir: str = "") -> list[FileInfo]:
