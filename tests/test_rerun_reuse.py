@@ -161,3 +161,12 @@ def test_a_losing_updates_rerun_reuses_its_delta_shards(ray_local, tmp_path, tin
     assert mf.verify(store, v3).ok
     assert StateReader(store).ids().tolist() == sorted(r[0] for r in rows_b)
     assert _live_hashes(store) == {pid: content_hash(normalise(title), normalise(text)) for pid, text, title in rows_b}
+
+
+def test_markers_of_an_earlier_attempt_ignore_its_index_build_files(tmp_path):
+    from pipeline.workers.sink import finished_markers
+
+    store = Store(str(tmp_path / "store"))
+    store.write_bytes("runs/update-x-v1/index/dpr-0123abcd.done.json", b"{}")  # the index build's own marker
+    store.write_bytes("runs/update-x-v1/states/part-00000.parquet", b"not a finished split")
+    assert finished_markers(store, {}, "runs/update-x-v1", None, 0.5) == {}

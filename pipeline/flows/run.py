@@ -35,7 +35,7 @@ from pipeline.workers.sink import finished_markers
 from pipeline.corpus.splits import sample_splits
 from pipeline.workers.steps import EncodeStage, StageContext, load_codec
 from storage import manifest as mf
-from storage.errors import find_cause
+from storage.errors import PrecomputeError, find_cause
 from storage.fs import AccessRefused, Store, sha256_bytes
 from storage.layout import shard_of
 from storage.shard_marker import ShardMarker, shard_entries
@@ -303,7 +303,7 @@ class ProgressWatch:
                 return
             try:
                 done = {shard_of(f.path) for f in self.store.list(self.prefix) if f.path.endswith(".done.json")}
-            except (OSError, ValueError) as exc:  # a flaky listing only delays this message; never fails the run
+            except (OSError, ValueError, PrecomputeError) as exc:  # a flaky listing only delays this message
                 log.debug("progress watch: listing failed (%s)", exc)
                 return
             self._report(len(done - self.already))

@@ -211,12 +211,15 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
     # Named by what the delta's codes depend on (model, codec, corpus, sharding) and then the parent: an
     # attempt on another parent (one that lost a race to commit) is a sibling whose shards are reused below.
     content_id = digest({"fingerprint": prep.fingerprint, "corpus": scan.digest,
-                         "shard_size": cfg.execution.shard_size})
-    run_id = f"{content_id}-v{parent.version}"
-    ctx = dataclasses.replace(prep.ctx, run_dir=f"runs/update-{run_id}")
+                         "shard_size": cfg.execution.shard_size, "on_too_long": cfg.model.on_too_long})
     encode = d.to_encode
     n_delta = int(encode.size)
-    earlier, drop = _earlier_attempts(store, cfg, parent, content_id, ctx.run_dir, parts, scan.drop)
+    earlier, drop = _earlier_attempts(store, cfg, parent, content_id, parts, scan.drop)
+    # The slices below depend on which earlier shards are taken: a resume reuses this directory's own
+    # shards by index only when that set is the same (else another directory, and a fresh slicing)
+    run_id = f"{content_id}-v{parent.version}" + (
+        f"-r{digest(sorted(m.file.path for m in earlier))[:8]}" if earlier else "")
+    ctx = dataclasses.replace(prep.ctx, run_dir=f"runs/update-{run_id}")
     # rows each split contributes once later duplicates and reused rows are dropped (what assembly will write)
     slices = plan_slices([p.new.size + p.changed.size - _size(drop.get(p.index)) + _size(scan.drop.get(p.index))
                           if p.staged else 0 for p in parts], cfg.execution.shard_size or 10_000)
@@ -238,6 +241,10 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
         if missing:
             raise RuntimeError(f"delta shards {missing[:10]} produced no output; rerun to retry them")
     ordered = earlier + [markers[k] for k in range(n_shards)]
+    stored = sum(m.rows for m in ordered) + sum(m.skipped_too_long for m in ordered)
+    if stored != n_delta:
+        raise RuntimeError(f"delta shards hold {stored} passages, expected {n_delta}; not committing "
+                           f"(rerun: the update plans its delta again)")
     delta_shards = shard_entries(ordered)
 
     # tombstones: the old rows of changed and deleted ids, in the shards that hold them
@@ -262,6 +269,7 @@ def run_update(cfg: RunConfig, rebuild_fraction: float = 0.2, encode_stage: type
     note = {"corpus_digest": scan.digest, "update_of": parent.version}
     if ordered:
         note["timing"] = total.timing()
+    _still_there(store, earlier)
     manifest = commit_version(store, Draft.on_top_of(parent, f"update-{run_id}", note, shards=shards,
                                                      artifacts=artifacts, counts=counts, dead=dead,
                                                      run_dir=ctx.run_dir)).manifest
@@ -275,7 +283,19 @@ def _size(a: np.ndarray | None) -> int:
     return 0 if a is None else int(a.size)
 
 
-def _earlier_attempts(store: Store, cfg: RunConfig, parent: mf.Manifest, content_id: str, run_dir: str,
+def _still_there(store: Store, earlier: list) -> None:
+    """Reused shards are old and unreferenced until this commit: a `gc` meanwhile may have removed them."""
+    if not earlier:
+        return
+    dirs = sorted({"/".join(m.file.path.split("/")[:2]) for m in earlier})
+    listed = {f.path: f.size for d in dirs for f in store.walk_files(d)}
+    gone = [f.path for m in earlier for f in m.files() if listed.get(f.path) != f.bytes]
+    if gone:
+        raise OperationFailed(f"{len(gone)} reused delta file(s) changed or disappeared while this update ran "
+                              f"(a `precompute gc`?), e.g. {gone[0]}; nothing was committed: rerun the update")
+
+
+def _earlier_attempts(store: Store, cfg: RunConfig, parent: mf.Manifest, content_id: str,
                       parts: list[SplitDiff], later_copies: dict[int, np.ndarray]):
     """Finished delta shards of uncommitted attempts at this same update on another parent (an update that
     lost the race to commit, rerun): the ones this update can take whole, and per split the ids to leave
@@ -285,10 +305,11 @@ def _earlier_attempts(store: Store, cfg: RunConfig, parent: mf.Manifest, content
     from pipeline.workers.sink import finished_markers
 
     drop = {k: v for k, v in later_copies.items()}
-    mine = run_dir.split("/", 1)[1]
+    mine = f"update-{content_id}-v{parent.version}"  # this parent's own attempts resume by shard index instead
     referenced = {p.split("/")[1] for p in parent.referenced_paths() if p.startswith("runs/")}
     siblings = [d for d in (x.split("/")[-1] for x in store.list_dirs("runs"))
-                if d.startswith(f"update-{content_id}-v") and d != mine and d not in referenced]
+                if d.startswith(f"update-{content_id}-v") and d != mine and not d.startswith(mine + "-")
+                and d not in referenced]
     found = [m for d in siblings
              for _, m in sorted(finished_markers(store, cfg.storage_options, f"runs/{d}", None,
                                                  cfg.execution.task_cpus).items())]

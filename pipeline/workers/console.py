@@ -111,14 +111,15 @@ def emit_worker_lines(data: dict) -> None:
     """A batch of lines a worker (or the raylet) printed, as records in the driver's format.
 
     A worker's own records come as WORKER_FORMAT and keep their logger and level; Ray's Python and C++
-    lines keep their level; anything else (prints, the rest of a traceback) follows the record before it, or is an
-    INFO line of `ray.worker`, shown with -v."""
+    lines keep their level; anything else (prints, the rest of a traceback) follows the record before it, or is
+    a line of `ray.worker`: WARNING when the worker wrote it to stderr (a crash dump, a C++ abort, a Python
+    warning: what says why an actor died), INFO (shown with -v) when it printed it to stdout."""
     pid = data.get("pid")
     who = data.get("actor_name") or data.get("task_name") or ("raylet" if pid == "raylet" else "worker")
     where = f"{who} pid={pid}" if pid not in ("raylet", "autoscaler") else str(pid)
     if data.get("ip") and data.get("ip") != data.get("localhost"):
         where += f" on {data['ip']}"
-    current = (logging.getLogger("ray.worker"), logging.INFO)
+    current = (logging.getLogger("ray.worker"), logging.WARNING if data.get("is_err") else logging.INFO)
     for line in data.get("lines", ()):
         line = line.rstrip()
         if not line:

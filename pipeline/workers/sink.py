@@ -113,7 +113,9 @@ def finished_markers(store: Store, storage_options: dict, run_dir: str, n_splits
 
     listing = {f.path: f.size for f in store.walk_files(run_dir)}
     if n_splits is None and only is None:
-        wanted = [p for p in listing if p.endswith(".done.json") and p == marker_path(run_dir, shard_of(p))]
+        prefix = f"{run_dir}/states/part-"  # not the index build's own .done.json files
+        wanted = [p for p in listing if p.startswith(prefix) and p.endswith(".done.json")
+                  and p[len(prefix):-len(".done.json")].isdigit() and p == marker_path(run_dir, shard_of(p))]
     else:
         splits = range(n_splits or 0) if only is None else only
         wanted = [marker_path(run_dir, k) for k in splits if marker_path(run_dir, k) in listing]
