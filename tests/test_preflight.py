@@ -122,7 +122,8 @@ def test_run_prints_readable_progress_before_ray_starts_and_per_shard(tmp_path, 
     ray_up = next((i for i, l in enumerate(text) if "Started a local Ray instance" in l), len(text))
     assert first < ray_up, text[:20]
     print(f"first readable progress line after {lines[first][0]:.1f} s: {text[first]}")
-    shards = [l for l in text if re.search(r"encoded \d+/3 shards \(~[\d,]+ passages, [\d,]+ passages/s\)", l)]
+    # in-flight lines estimate (~); the last one counts the markers ("encoded 3/3 shards (300 passages, ...) in ...")
+    shards = [l for l in text if re.search(r"encoded \d+/3 shards \(~?[\d,]+ passages, [\d,]+ passages/s\)", l)]
     assert shards and "encoded 3/3 shards" in shards[-1], text[-30:]
     assert not any("0/?" in l for l in text)
     noise = ("Token authentication is enabled", "Progress bars disabled")
